@@ -1,0 +1,1 @@
+"""Triage: an OpenAI-compatible gateway that routes LLM requests across GPU tiers."""

@@ -1,0 +1,1 @@
+"""OpenAI request and response shapes, error bodies and SSE helpers."""

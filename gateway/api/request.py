@@ -1,0 +1,98 @@
+"""Read one OpenAI request off the wire: size limit, JSON, shape; nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+from starlette.requests import ClientDisconnect, Request
+
+from gateway.api.schemas import SCHEMAS, RequestKind, describe_location
+from gateway.errors import BodyTooLarge, InvalidRequest
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    """A validated request. `body` is the client's JSON as sent; the gateway forwards it."""
+
+    kind: RequestKind
+    body: Mapping[str, Any]
+    model: str
+    stream: bool
+    client_wants_usage: bool
+
+    def prompt_chars(self) -> int:
+        """Characters of prompt text: a bounded, cheap stand-in for a token count."""
+        if self.kind == "chat":
+            total = 0
+            for message in self.body["messages"]:
+                content = message.get("content")
+                if isinstance(content, str):
+                    total += len(content)
+                elif isinstance(content, list):
+                    total += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+            return total
+        prompt = self.body.get("prompt", self.body.get("input"))
+        if isinstance(prompt, str):
+            return len(prompt)
+        if isinstance(prompt, list):
+            return sum(len(p) if isinstance(p, str | list) else 4 for p in prompt)
+        return 0
+
+    def estimated_prompt_tokens(self) -> int:
+        return self.prompt_chars() // 4 + 1
+
+    def upstream_body(self, model: str) -> bytes:
+        """The client's body with only `model` rewritten, and usage asked for on streams."""
+        body = dict(self.body)
+        body["model"] = model
+        if self.stream and not self.client_wants_usage:
+            options = dict(body.get("stream_options") or {})
+            options["include_usage"] = True
+            body["stream_options"] = options
+        return orjson.dumps(body)
+
+
+async def read_request(request: Request, kind: RequestKind, max_body_bytes: int) -> ParsedRequest:
+    raw = await _read_body(request, max_body_bytes)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"Request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("Request body must be a JSON object.")
+    try:
+        SCHEMAS[kind].model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        param = describe_location(first["loc"])
+        raise InvalidRequest(f"Invalid value for '{param}': {first['msg']}", param=param) from exc
+    stream = bool(body.get("stream", False))
+    options = body.get("stream_options") or {}
+    return ParsedRequest(
+        kind=kind,
+        body=body,
+        model=body["model"],
+        stream=stream,
+        client_wants_usage=bool(options.get("include_usage")),
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+            chunks.append(chunk)
+    except ClientDisconnect as exc:
+        raise InvalidRequest("Client disconnected while sending the request.") from exc
+    return b"".join(chunks)

@@ -1,0 +1,276 @@
+"""The Starlette app: wires the stages together once, and the request path top to bottom."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import aiohttp
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.api.errors import error_response
+from gateway.api.request import ParsedRequest, read_request
+from gateway.api.schemas import UPSTREAM_PATHS, RequestKind
+from gateway.api.streaming import EventStreamResponse
+from gateway.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    NotFound,
+    TriageError,
+    UpstreamUnavailable,
+)
+from gateway.policy import PolicyError, hash_key, load_policy
+from gateway.pools import Pool, Replica
+from gateway.router import AUTO, Decision, RouteInput
+from gateway.runtime import Runtime, build_runtime
+from gateway.simulated import SimulatedFleet
+from gateway.upstream import ConnectFailed, Outcome, Upstream, close_session, new_session
+
+logger = logging.getLogger("triage")
+
+FORWARDED_HEADERS = ("traceparent", "tracestate")
+
+
+class Gateway:
+    """Holds the live runtime and the shared clients; its methods are the endpoints."""
+
+    def __init__(self, policy_path: Path) -> None:
+        self.policy_path = policy_path
+        self.fleet = SimulatedFleet()
+        self._runtime: Runtime | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._upstream: Upstream | None = None
+        self._reload_lock = asyncio.Lock()
+
+    @property
+    def runtime(self) -> Runtime:
+        assert self._runtime is not None, "the lifespan has not started"
+        return self._runtime
+
+    @property
+    def upstream(self) -> Upstream:
+        assert self._upstream is not None, "the lifespan has not started"
+        return self._upstream
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        policy = load_policy(self.policy_path)
+        server = policy.server
+        self._session = new_session(server.upstream_connections_per_replica)
+        self._upstream = Upstream(
+            self._session, server.upstream_timeout_s, server.upstream_connect_timeout_s
+        )
+        self._runtime = await build_runtime(policy, self.policy_path.parent, self.fleet)
+        _on_sighup(lambda: asyncio.ensure_future(self.reload()))
+        try:
+            yield
+        finally:
+            await self.runtime.close()
+            await close_session(self._session)
+            await self.fleet.stop()
+
+    async def reload(self) -> list[str]:
+        """Load the policy file again; keep the old one if the new one is invalid."""
+        async with self._reload_lock:
+            try:
+                policy = load_policy(self.policy_path)
+                runtime = await build_runtime(policy, self.policy_path.parent, self.fleet)
+            except PolicyError as exc:
+                logger.error("policy reload rejected, keeping the current policy:\n%s", exc)
+                return exc.errors
+            old, self._runtime = self._runtime, runtime
+            if old is not None:
+                await old.close()
+            logger.info("policy reloaded from %s", self.policy_path)
+            return []
+
+    # --- the request path ------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, "completions")
+
+    async def embeddings(self, request: Request) -> Response:
+        return await self._generate(request, "embeddings")
+
+    async def _generate(self, request: Request, kind: RequestKind) -> Response:
+        runtime = self.runtime  # this request keeps this policy to the end
+        request_id = os.urandom(12).hex()
+        try:
+            parsed = await read_request(request, kind, runtime.policy.server.max_body_bytes)
+            decision = self._route(runtime, parsed, request)
+            return await self._forward(runtime, parsed, decision, request_id, request.headers)
+        except TriageError as error:
+            return error_response(error, {"x-triage-request-id": request_id})
+
+    def _route(self, runtime: Runtime, parsed: ParsedRequest, request: Request) -> Decision:
+        if parsed.kind == "embeddings" and parsed.model == AUTO:
+            raise InvalidRequest("Embeddings need a model or tier name, not 'auto'.", param="model")
+        route = RouteInput(
+            parsed.model, parsed.body, request.headers, parsed.estimated_prompt_tokens()
+        )
+        return runtime.router.decide(route)
+
+    async def _forward(
+        self,
+        runtime: Runtime,
+        parsed: ParsedRequest,
+        decision: Decision,
+        request_id: str,
+        client_headers: Mapping[str, str],
+    ) -> Response:
+        """Try the decision's candidates in order; one retry on a replica that refused."""
+        headers = {h: client_headers[h] for h in FORWARDED_HEADERS if h in client_headers}
+        last_error: TriageError | None = None
+        for tier, model in decision.candidates:
+            pool = runtime.pools[model]
+            tried: list[Replica] = []
+            while len(tried) < 2 and (replica := pool.pick(exclude=tried)) is not None:
+                tried.append(replica)
+                replica.in_flight += 1
+                try:
+                    body = parsed.upstream_body(pool.served_name)
+                    path = UPSTREAM_PATHS[parsed.kind]
+                    response = await self.upstream.post(pool, replica, path, body, headers)
+                except ConnectFailed as error:
+                    replica.in_flight -= 1
+                    replica.mark_down(time.monotonic())
+                    last_error = error
+                    continue
+                except BaseException:
+                    replica.in_flight -= 1
+                    raise
+                meta = _response_headers(request_id, tier, pool, decision)
+                return await self._respond(parsed, pool, replica, response, meta)
+        raise last_error or UpstreamUnavailable(
+            f"No healthy replica for tier '{decision.tier}'.", code="no_healthy_replica"
+        )
+
+    async def _respond(
+        self,
+        parsed: ParsedRequest,
+        pool: Pool,
+        replica: Replica,
+        response: aiohttp.ClientResponse,
+        headers: dict[str, str],
+    ) -> Response:
+        outcome = Outcome()
+        if parsed.stream:
+            strip = not parsed.client_wants_usage
+            events = self._relay(replica, response, outcome, strip)
+            return EventStreamResponse(events, headers)  # type: ignore[return-value]
+        try:
+            payload = await self.upstream.read(replica, response, outcome)
+        finally:
+            replica.in_flight -= 1
+        return Response(payload, headers=headers, media_type="application/json")
+
+    async def _relay(
+        self, replica: Replica, response: aiohttp.ClientResponse, outcome: Outcome, strip: bool
+    ) -> AsyncIterator[bytes]:
+        try:
+            async for event in self.upstream.relay(replica, response, outcome, strip):
+                yield event
+        finally:
+            replica.in_flight -= 1
+
+    # --- everything else ---------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        policy = self.runtime.policy
+        names = [AUTO, *policy.tiers, *policy.models]
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": "triage"} for n in names]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        tiers = self.runtime.ready()
+        ready = all(tiers.values())
+        return JSONResponse({"ready": ready, "tiers": tiers}, status_code=200 if ready else 503)
+
+    async def admin_reload(self, request: Request) -> Response:
+        self._check_admin(request)
+        errors = await self.reload()
+        if errors:
+            return JSONResponse({"reloaded": False, "errors": errors}, status_code=400)
+        return JSONResponse({"reloaded": True})
+
+    def _check_admin(self, request: Request) -> None:
+        expected = self.runtime.policy.server.admin_key
+        if expected is None:
+            raise NotFound("Admin endpoints are off: set server.admin_key in the policy.")
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not given or not hmac.compare_digest(hash_key(given), expected):
+            raise AuthenticationFailed("A valid admin key is required.")
+
+
+def build_app(policy_path: str | Path) -> Starlette:
+    """The ASGI app for one policy file. The policy loads in the lifespan."""
+    gateway = Gateway(Path(policy_path))
+    routes = [
+        Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
+        Route("/v1/completions", gateway.completions, methods=["POST"]),
+        Route("/v1/embeddings", gateway.embeddings, methods=["POST"]),
+        Route("/v1/models", gateway.list_models, methods=["GET"]),
+        Route("/healthz", gateway.healthz, methods=["GET"]),
+        Route("/readyz", gateway.readyz, methods=["GET"]),
+        Route("/admin/reload", gateway.admin_reload, methods=["POST"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=gateway.lifespan,
+        exception_handlers={
+            TriageError: _triage_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+    )
+    app.state.gateway = gateway
+    return app
+
+
+def _response_headers(request_id: str, tier: str, pool: Pool, decision: Decision) -> dict[str, str]:
+    headers = {"x-triage-request-id": request_id, "x-triage-tier": tier, "x-triage-model": pool.model}
+    if decision.difficulty is not None:
+        headers["x-triage-difficulty"] = f"{decision.difficulty:.4f}"
+    return headers
+
+
+async def _triage_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, TriageError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error = TriageError(exc.detail)
+    error.status_code = exc.status_code
+    error.error_type = "invalid_request_error"
+    return error_response(error)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    logger.exception("unexpected error on %s", request.url.path)
+    return error_response(TriageError("The gateway hit an internal error."))
+
+
+def _on_sighup(callback: object) -> None:
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, callback)  # type: ignore[arg-type]

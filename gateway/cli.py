@@ -1,0 +1,155 @@
+"""`triage serve | check | schema | sim | key | explain | classifier`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+from collections.abc import Sequence
+
+from gateway.policy import Policy, PolicyError, hash_key, load_policy
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["classifier"]:
+        from classifiers.commands import main as classifier_main
+
+        return classifier_main(argv[1:])
+    args = _parser().parse_args(argv)
+    result: int = args.handler(args)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="triage", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--policy", required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(handler=_serve)
+
+    check = commands.add_parser("check", help="validate a policy file; exit 1 on errors")
+    check.add_argument("policy")
+    check.set_defaults(handler=_check)
+
+    schema = commands.add_parser("schema", help="print the policy's JSON Schema")
+    schema.set_defaults(handler=_schema)
+
+    key = commands.add_parser("key", help="API keys")
+    key_commands = key.add_subparsers(required=True, metavar="ACTION")
+    key_new = key_commands.add_parser("new", help="print a fresh key and its hash")
+    key_new.set_defaults(handler=_key_new)
+
+    explain = commands.add_parser("explain", help="show how a prompt would be routed")
+    explain.add_argument("prompt")
+    explain.add_argument("--policy", required=True)
+    explain.set_defaults(handler=_explain)
+
+    sim = commands.add_parser("sim", help="run one simulated GPU backend")
+    from gateway.sim.server import add_sim_arguments
+
+    add_sim_arguments(sim)
+    sim.set_defaults(handler=_sim)
+
+    commands.add_parser("classifier", help="train, evaluate or score a difficulty classifier")
+    return parser
+
+
+def _load_or_report(path: str) -> Policy | None:
+    try:
+        return load_policy(path)
+    except PolicyError as exc:
+        print(f"{path}: invalid policy", file=sys.stderr)
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        return None
+
+
+def _check(args: argparse.Namespace) -> int:
+    policy = _load_or_report(args.policy)
+    if policy is None:
+        return 1
+    print(f"{args.policy}: ok ({len(policy.tiers)} tiers, {len(policy.models)} models)")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if _load_or_report(args.policy) is None:
+        return 1
+    import uvicorn
+
+    from gateway.logs import configure_logging
+
+    configure_logging(args.log_level)
+    uvicorn.run(
+        "gateway.asgi:app" if args.workers > 1 else _app(args.policy),
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        access_log=False,
+        loop="auto",
+        http="auto",
+        timeout_graceful_shutdown=30,
+        env_file=None,
+    )
+    return 0
+
+
+def _app(policy: str) -> object:
+    from gateway.app import build_app
+
+    return build_app(policy)
+
+
+def _schema(args: argparse.Namespace) -> int:
+    print(json.dumps(Policy.model_json_schema(), indent=2))
+    return 0
+
+
+def _key_new(args: argparse.Namespace) -> int:
+    key = "sk-triage-" + secrets.token_urlsafe(32)
+    print(f"key:  {key}\nhash: {hash_key(key)}")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.router import RouteInput, Router
+    from gateway.runtime import load_classifier
+
+    policy = _load_or_report(args.policy)
+    if policy is None:
+        return 1
+    scorer, thresholds = load_classifier(policy, Path(args.policy).parent)
+
+    body = {"model": "auto", "messages": [{"role": "user", "content": args.prompt}]}
+    route = RouteInput("auto", body, {}, len(args.prompt) // 4 + 1)
+    decision = Router(policy, scorer, thresholds).decide(route)
+    print(f"tier:       {decision.tier} ({decision.reason})")
+    if decision.difficulty is not None:
+        print(f"difficulty: {decision.difficulty:.4f}")
+        print("thresholds: " + ", ".join(f"{t} >= {v:.4f}" for t, v in thresholds.items()))
+        explain = getattr(scorer, "explain", None)
+        if explain is not None:
+            print("features:")
+            for name, weight in explain(body):
+                print(f"  {weight:+.4f}  {name}")
+    return 0
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from gateway.sim.server import run_from_args
+
+    return run_from_args(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

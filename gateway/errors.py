@@ -1,0 +1,109 @@
+"""One exception tree for everything a client can be told went wrong.
+
+    TriageError                      500 api_error
+    ├── InvalidRequest               400 invalid_request_error
+    │   └── BodyTooLarge             413
+    ├── AuthenticationFailed         401
+    ├── PermissionDenied             403
+    ├── NotFound                     404 (unknown model, tier or route)
+    ├── RateLimited                  429 (rate limits, budgets) + Retry-After
+    └── UpstreamError                502
+        ├── UpstreamUnavailable      503 (no healthy replica, connection refused)
+        ├── UpstreamTimeout          504
+        └── UpstreamStatus           backend's own 4xx/5xx passed through
+
+Each class carries the HTTP status and OpenAI's `type`/`code`; `api.errors` turns
+them into OpenAI bodies in exactly one place.
+"""
+
+from __future__ import annotations
+
+
+class TriageError(Exception):
+    status_code: int = 500
+    error_type: str = "api_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, param={self.param!r}, code={self.code!r})"
+
+
+class InvalidRequest(TriageError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class BodyTooLarge(InvalidRequest):
+    status_code = 413
+    default_code = "request_too_large"
+
+
+class AuthenticationFailed(TriageError):
+    status_code = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(TriageError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+class NotFound(TriageError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class RateLimited(TriageError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class UpstreamError(TriageError):
+    status_code = 502
+    error_type = "api_error"
+    default_code = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    status_code = 503
+    default_code = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code = 504
+    default_code = "upstream_timeout"
+
+
+class UpstreamStatus(UpstreamError):
+    """The backend answered with an error status; relayed with the backend's own status."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        error_type: str = "api_error",
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code, retry_after=retry_after)
+        self.status_code = status_code
+        self.error_type = error_type

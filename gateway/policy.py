@@ -1,0 +1,316 @@
+"""The routing policy: YAML -> one validated, immutable `Policy`, or every error with its path.
+
+Loading runs in two phases, as TensorZero does with its config: pydantic checks each
+section's shape (unknown keys are errors), then `_check_references` checks what spans
+sections (tiers -> models, rules and fallbacks -> tiers, classifier settings). Every
+problem becomes one line that starts with its dotted YAML path, and all of them are
+reported together so an operator fixes a file in one pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+RESERVED_MODEL_NAMES = frozenset({"auto"})
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class PolicyError(ValueError):
+    """A policy failed to load; `errors` holds one `path: message` line per problem."""
+
+    def __init__(self, errors: list[str], source: str = "policy") -> None:
+        self.errors = errors
+        self.source = source
+        super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(errors))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Price(_Strict):
+    """USD per million tokens."""
+
+    input_per_mtok: float = Field(0.0, ge=0)
+    output_per_mtok: float = Field(0.0, ge=0)
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
+
+
+class SimulatedPool(_Strict):
+    """Start this model's replicas as simulated GPU servers on loopback (demo and tests)."""
+
+    profile: Literal["small", "large", "instant"]
+    replicas: int = Field(2, ge=1, le=32)
+    ttft_ms: float | None = Field(None, ge=0)
+    itl_ms: float | None = Field(None, ge=0)
+    max_num_seqs: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class ModelSpec(_Strict):
+    """One concrete model: the pool of replicas that serve it and what its tokens cost."""
+
+    replicas: tuple[str, ...] = ()
+    simulate: SimulatedPool | None = None
+    served_name: str | None = None
+    price: Price = Price()
+    api_key: str | None = Field(None, repr=False)
+
+    @field_validator("replicas")
+    @classmethod
+    def _urls(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
+        for url in urls:
+            if not re.match(r"^https?://[^/\s]+", url):
+                raise ValueError(f"must be http(s) base URLs like http://host:8000/v1, got {url!r}")
+        return tuple(url.rstrip("/") for url in urls)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if bool(self.replicas) == (self.simulate is not None):
+            raise ValueError("give exactly one of `replicas` (URLs) or `simulate`")
+        return self
+
+
+class Slo(_Strict):
+    ttft_ms: float = Field(gt=0)
+    e2e_ms: float = Field(gt=0)
+    percentile: float = Field(95.0, gt=0, le=100)
+
+
+class Tier(_Strict):
+    models: tuple[str, ...] = Field(min_length=1)
+    slo: Slo | None = None
+
+
+class RuleCondition(_Strict):
+    """All given conditions must hold for the rule to match."""
+
+    header: dict[str, str] | None = None
+    prompt_tokens_over: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> RuleCondition:
+        if self.header is None and self.prompt_tokens_over is None:
+            raise ValueError("give at least one of `header`, `prompt_tokens_over`")
+        return self
+
+
+class Rule(_Strict):
+    when: RuleCondition
+    tier: str
+
+
+class Routing(_Strict):
+    default_tier: str | None = None
+    classifier: str | None = None
+    strong_fraction: float | None = Field(None, ge=0, le=1)
+    thresholds: dict[str, float] | None = None
+    rules: tuple[Rule, ...] = ()
+    fallback: dict[str, tuple[str, ...]] = {}
+
+
+class Server(_Strict):
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
+    admin_key: str | None = Field(None, repr=False)
+    upstream_connect_timeout_s: float = Field(2.0, gt=0)
+    upstream_timeout_s: float = Field(600.0, gt=0)
+    upstream_connections_per_replica: int = Field(256, ge=1)
+    health_check_interval_s: float = Field(5.0, gt=0)
+
+    @field_validator("admin_key")
+    @classmethod
+    def _hashed(cls, value: str | None) -> str | None:
+        if value is not None and not _KEY_HASH.match(value):
+            raise ValueError("must be a key hash `sha256:<64 hex>` (see `triage key new`)")
+        return value
+
+
+class Policy(_Strict):
+    """A validated routing policy. Immutable: a reload builds a new one."""
+
+    version: Literal[1]
+    server: Server = Server()
+    models: dict[str, ModelSpec] = Field(min_length=1)
+    tiers: dict[str, Tier] = Field(min_length=1)
+    routing: Routing = Routing()
+
+    @property
+    def default_tier(self) -> str:
+        return self.routing.default_tier or next(iter(self.tiers))
+
+    def tier_of_model(self, model: str) -> str:
+        return next(name for name, tier in self.tiers.items() if model in tier.models)
+
+
+def hash_key(key: str) -> str:
+    """The form API and admin keys are stored in: never the key itself."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def load_policy(path: str | Path, environ: Mapping[str, str] | None = None) -> Policy:
+    """Read, substitute `${VAR}` references, validate; raise PolicyError listing every problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise PolicyError([f"<file>: cannot read: {exc.strerror}"], str(path)) from exc
+    except yaml.YAMLError as exc:
+        raise PolicyError([f"<yaml>: {exc}".replace("\n", " ")], str(path)) from exc
+    return parse_policy(raw, environ, source=str(path), base_dir=path.parent)
+
+
+def parse_policy(
+    raw: Any,
+    environ: Mapping[str, str] | None = None,
+    *,
+    source: str = "policy",
+    base_dir: Path | None = None,
+) -> Policy:
+    if not isinstance(raw, dict):
+        raise PolicyError(["<root>: must be a mapping"], source)
+    errors: list[str] = []
+    substituted = _substitute_env(raw, os.environ if environ is None else environ, "", errors)
+    if errors:
+        raise PolicyError(errors, source)
+    try:
+        policy = Policy.model_validate(substituted)
+    except ValidationError as exc:
+        raise PolicyError(_format_validation_errors(exc), source) from exc
+    errors = _check_references(policy, base_dir)
+    if errors:
+        raise PolicyError(errors, source)
+    return policy
+
+
+def resolve_classifier_path(policy: Policy, base_dir: Path | None) -> Path | None:
+    """Relative classifier paths are looked up next to the policy, then in the project root."""
+    if policy.routing.classifier is None:
+        return None
+    candidate = Path(policy.routing.classifier)
+    if candidate.is_absolute():
+        return candidate
+    for root in (base_dir, Path.cwd(), Path(__file__).resolve().parent.parent):
+        if root is not None and (root / candidate).exists():
+            return (root / candidate).resolve()
+    return candidate
+
+
+def _substitute_env(node: Any, environ: Mapping[str, str], path: str, errors: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _substitute_env(v, environ, _join(path, k), errors) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute_env(v, environ, _join(path, i), errors) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        errors.append(f"{path or '<root>'}: environment variable {name} is not set (no default)")
+        return ""
+
+    value = _ENV_REFERENCE.sub(replace, node)
+    # `key: ${VAR:-}` means "unset": let the field's own default apply.
+    return None if value == "" and _ENV_REFERENCE.fullmatch(node) else value
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required",
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "too_short": "must not be empty",
+    "literal_error": "must be one of {expected}",
+}
+
+
+def _format_validation_errors(exc: ValidationError) -> list[str]:
+    lines = []
+    for error in exc.errors(include_url=False):
+        path = ".".join(str(part) for part in error["loc"]) or "<root>"
+        template = _MESSAGES.get(error["type"])
+        if template is not None:
+            context = {k: _plain_number(v) for k, v in error.get("ctx", {}).items()}
+            message = template.format(**context)
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            message = message[0].lower() + message[1:] if message else message
+        lines.append(f"{path}: {message}")
+    return lines
+
+
+def _plain_number(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _check_references(policy: Policy, base_dir: Path | None) -> list[str]:
+    errors: list[str] = []
+    tiers, models = policy.tiers, policy.models
+    tier_names = ", ".join(tiers)
+
+    for name in models:
+        if name in RESERVED_MODEL_NAMES or name in tiers:
+            errors.append(f"models.{name}: name is reserved or used by a tier")
+    for name in tiers:
+        if name in RESERVED_MODEL_NAMES:
+            errors.append(f"tiers.{name}: name is reserved")
+    for tier_name, tier in tiers.items():
+        for i, model in enumerate(tier.models):
+            if model not in models:
+                errors.append(f"tiers.{tier_name}.models.{i}: unknown model {model!r}")
+
+    routing = policy.routing
+    if routing.default_tier is not None and routing.default_tier not in tiers:
+        errors.append(f"routing.default_tier: unknown tier {routing.default_tier!r} ({tier_names})")
+    for i, rule in enumerate(routing.rules):
+        if rule.tier not in tiers:
+            errors.append(f"routing.rules.{i}.tier: unknown tier {rule.tier!r} ({tier_names})")
+    for tier_name, fallbacks in routing.fallback.items():
+        if tier_name not in tiers:
+            errors.append(f"routing.fallback.{tier_name}: unknown tier ({tier_names})")
+        for i, fallback in enumerate(fallbacks):
+            if fallback not in tiers:
+                errors.append(f"routing.fallback.{tier_name}.{i}: unknown tier {fallback!r}")
+            elif fallback == tier_name:
+                errors.append(f"routing.fallback.{tier_name}.{i}: a tier cannot fall back to itself")
+
+    if routing.thresholds is not None and routing.strong_fraction is not None:
+        errors.append("routing: give `thresholds` or `strong_fraction`, not both")
+    for tier_name, threshold in (routing.thresholds or {}).items():
+        if tier_name not in tiers:
+            errors.append(f"routing.thresholds.{tier_name}: unknown tier ({tier_names})")
+        if not 0 <= threshold <= 1:
+            errors.append(f"routing.thresholds.{tier_name}: must be between 0 and 1")
+    uses_scores = routing.thresholds is not None or routing.strong_fraction is not None
+    if uses_scores and routing.classifier is None:
+        errors.append("routing.classifier: required when `thresholds` or `strong_fraction` is set")
+    if routing.classifier is not None and not uses_scores:
+        errors.append("routing: a classifier needs `thresholds` or `strong_fraction`")
+    if routing.strong_fraction is not None and len(tiers) < 2:
+        errors.append("routing.strong_fraction: needs at least two tiers")
+    if routing.classifier is not None:
+        path = resolve_classifier_path(policy, base_dir)
+        if path is None or not path.exists():
+            errors.append(f"routing.classifier: no model directory at {routing.classifier!r}")
+    return errors

@@ -1,0 +1,210 @@
+"""One call to one replica over the shared aiohttp session: send, relay, read usage.
+
+aiohttp's exceptions are converted to `TriageError`s here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway.api.errors import sse_error_event
+from gateway.errors import (
+    TriageError,
+    UpstreamError,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from gateway.pools import Pool, Replica
+
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+class ConnectFailed(UpstreamUnavailable):
+    """No byte reached the replica: safe to retry elsewhere."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one upstream exchange produced, for accounting and telemetry."""
+
+    started_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    usage: Mapping[str, Any] | None = None
+    completed: bool = False
+    error: TriageError | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int((self.usage or {}).get("prompt_tokens") or 0)
+
+    @property
+    def completion_tokens(self) -> int:
+        return int((self.usage or {}).get("completion_tokens") or 0)
+
+
+@contextlib.contextmanager
+def _converted_errors(replica: Replica) -> Iterator[None]:
+    try:
+        yield
+    except aiohttp.ClientConnectorError as exc:
+        raise ConnectFailed(f"Could not connect to a backend replica ({replica.url}).") from exc
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise UpstreamTimeout("The backend replica did not answer in time.") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"The backend replica failed: {type(exc).__name__}.") from exc
+
+
+class Upstream:
+    """Sends requests to replicas; shares one connection pool across all of them."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, timeout_s: float, connect_timeout_s: float
+    ) -> None:
+        self.session = session
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
+
+    async def post(
+        self, pool: Pool, replica: Replica, path: str, body: bytes, headers: Mapping[str, str]
+    ) -> aiohttp.ClientResponse:
+        """Send the request; return the response once its headers arrive with a 2xx status."""
+        send_headers = {"content-type": "application/json", **headers}
+        if pool.api_key:
+            send_headers["authorization"] = f"Bearer {pool.api_key}"
+        with _converted_errors(replica):
+            response = await self.session.post(
+                replica.url + path, data=body, headers=send_headers, timeout=self.timeout
+            )
+        if response.status >= 400:
+            try:
+                with _converted_errors(replica):
+                    payload = await response.read()
+            finally:
+                response.close()
+            raise status_error(response.status, payload, response.headers.get("retry-after"))
+        return response
+
+    async def read(self, replica: Replica, response: aiohttp.ClientResponse, outcome: Outcome) -> bytes:
+        try:
+            with _converted_errors(replica):
+                payload = await response.read()
+        finally:
+            response.release()
+        outcome.first_token_at = time.perf_counter()
+        try:
+            outcome.usage = orjson.loads(payload).get("usage")
+        except (orjson.JSONDecodeError, AttributeError) as exc:
+            raise UpstreamError("The backend replica sent a response that is not JSON.") from exc
+        outcome.completed = True
+        return payload
+
+    async def relay(
+        self,
+        replica: Replica,
+        response: aiohttp.ClientResponse,
+        outcome: Outcome,
+        strip_usage_chunk: bool,
+    ) -> AsyncIterator[bytes]:
+        """Yield SSE events as they arrive; end a failed stream with an error event."""
+        try:
+            with _converted_errors(replica):
+                async for event in iter_events(response.content):
+                    data = event_data(event)
+                    if data == b"[DONE]":
+                        outcome.completed = True
+                        yield DONE_EVENT
+                        return
+                    if outcome.first_token_at is None:
+                        outcome.first_token_at = time.perf_counter()
+                    if data is not None and b'"usage"' in data:
+                        chunk = orjson.loads(data)
+                        if isinstance(chunk, dict) and chunk.get("usage"):
+                            outcome.usage = chunk["usage"]
+                            if strip_usage_chunk and not chunk.get("choices"):
+                                continue
+                    yield event + b"\n\n"
+            raise UpstreamError("The backend replica ended the stream before [DONE].")
+        except TriageError as error:
+            outcome.error = error
+            yield sse_error_event(error)
+        except orjson.JSONDecodeError:
+            outcome.error = UpstreamError("The backend replica sent an event that is not JSON.")
+            yield sse_error_event(outcome.error)
+        finally:
+            # close(), not release(): an unfinished stream must drop the connection so the
+            # backend notices and stops generating.
+            if outcome.completed:
+                response.release()
+            else:
+                response.close()
+
+
+async def iter_events(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """Split a byte stream into SSE events (without the blank-line terminator)."""
+    buffer = b""
+    async for data in content.iter_any():
+        buffer += data
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        while (end := buffer.find(b"\n\n")) >= 0:
+            yield buffer[:end]
+            buffer = buffer[end + 2 :]
+    if buffer.strip():
+        yield buffer.rstrip(b"\n")
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The `data:` payload of one event, or None for comments and other fields."""
+    if event.startswith(b"data:"):
+        return event[5:].strip()
+    lines = [line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+def status_error(status: int, payload: bytes, retry_after: str | None) -> UpstreamStatus:
+    """Map a backend's error status to what the client sees (its 4xx as is, 5xx as 502/503)."""
+    message, error_type, code, param = f"The backend replica returned HTTP {status}.", None, None, None
+    with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+        error = orjson.loads(payload).get("error")
+        if isinstance(error, dict):
+            message = str(error.get("message") or message)
+            error_type, code, param = error.get("type"), error.get("code"), error.get("param")
+        elif isinstance(error, str):
+            message = error
+    client_status = status if status < 500 or status == 503 else 502
+    if status == 429:
+        error_type = "rate_limit_error"
+    elif status >= 500:
+        error_type = "api_error"
+    seconds = None
+    if retry_after is not None:
+        with contextlib.suppress(ValueError):
+            seconds = float(retry_after)
+    return UpstreamStatus(
+        client_status,
+        message,
+        error_type=error_type or "invalid_request_error",
+        param=param if isinstance(param, str) else None,
+        code=code if isinstance(code, str) else None,
+        retry_after=seconds,
+    )
+
+
+def new_session(connections_per_replica: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=0, limit_per_host=connections_per_replica, keepalive_timeout=60, ttl_dns_cache=60
+    )
+    return aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+
+
+async def close_session(session: aiohttp.ClientSession) -> None:
+    await session.close()
+    await asyncio.sleep(0)  # let aiohttp's transports finish closing
