@@ -247,7 +247,11 @@ def build_app(policy_path: str | Path) -> Starlette:
 
 
 def _response_headers(request_id: str, tier: str, pool: Pool, decision: Decision) -> dict[str, str]:
-    headers = {"x-triage-request-id": request_id, "x-triage-tier": tier, "x-triage-model": pool.model}
+    headers = {
+        "x-triage-request-id": request_id,
+        "x-triage-tier": tier,
+        "x-triage-model": pool.model,
+    }
     if decision.difficulty is not None:
         headers["x-triage-difficulty"] = f"{decision.difficulty:.4f}"
     return headers

@@ -7,8 +7,12 @@ import json
 import secrets
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from gateway.policy import Policy, PolicyError, hash_key, load_policy
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -16,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["classifier"]:
         from classifiers.commands import main as classifier_main
 
-        return classifier_main(argv[1:])
+        return int(classifier_main(argv[1:]))
     args = _parser().parse_args(argv)
     result: int = args.handler(args)
     return result
@@ -52,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.set_defaults(handler=_explain)
 
     sim = commands.add_parser("sim", help="run one simulated GPU backend")
-    from gateway.sim.server import add_sim_arguments
+    from gateway.sim.cli import add_sim_arguments
 
     add_sim_arguments(sim)
     sim.set_defaults(handler=_sim)
@@ -102,7 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _app(policy: str) -> object:
+def _app(policy: str) -> Starlette:
     from gateway.app import build_app
 
     return build_app(policy)
@@ -146,7 +150,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _sim(args: argparse.Namespace) -> int:
-    from gateway.sim.server import run_from_args
+    from gateway.sim.cli import run_from_args
 
     return run_from_args(args)
 

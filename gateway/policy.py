@@ -137,6 +137,93 @@ class Server(_Strict):
         return value
 
 
+class StoreSettings(_Strict):
+    """Shared state (cache entries, spend, rate windows, locks): Redis, or in-process."""
+
+    redis_url: str | None = Field(None, repr=False)  # redis:// or rediss://; None: embedded
+    cluster: bool = False  # redis_url names a node of a Redis Cluster
+    timeout_ms: float = Field(50.0, gt=0)  # socket and connect timeout per Redis call
+    breaker_failures: int = Field(3, ge=1)  # consecutive failures that open the breaker
+    breaker_reset_s: float = Field(2.0, gt=0)  # how long it stays open before a probe
+    embedded_max_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    key_prefix: str = "triage:"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not re.match(r"^rediss?://", url):
+            raise ValueError("must start with redis:// or rediss://")
+        return url
+
+
+class TierCache(_Strict):
+    enabled: bool = True
+    ttl_s: float | None = Field(None, gt=0)
+
+
+class CacheSettings(_Strict):
+    enabled: bool = True
+    ttl_s: float = Field(3600.0, gt=0)
+    tiers: dict[str, TierCache] = {}
+    deterministic_only: bool = True  # cache only temperature 0 (or seeded, if allowed)
+    cache_seeded: bool = False  # treat requests with a `seed` as deterministic
+    max_entry_bytes: int = Field(1024 * 1024, gt=0)
+    single_flight: bool = True
+    single_flight_wait_s: float = Field(10.0, gt=0)
+
+
+OnExhausted = Literal["downgrade", "reject"]
+
+
+class WindowBudget(_Strict):
+    """USD caps per calendar window (UTC). Unset windows are unlimited."""
+
+    usd_per_minute: float | None = Field(None, ge=0)
+    usd_per_hour: float | None = Field(None, ge=0)
+    usd_per_day: float | None = Field(None, ge=0)
+    usd_per_month: float | None = Field(None, ge=0)
+    on_exhausted: OnExhausted = "reject"
+
+
+class TenantBudget(WindowBudget):
+    tiers: dict[str, WindowBudget] = {}
+
+
+class Limits(_Strict):
+    rpm: int | None = Field(None, ge=1)  # requests per minute
+    tpm: int | None = Field(None, ge=1)  # tokens per minute (prompt + completion)
+    on_exceeded: OnExhausted = "reject"
+
+
+class Tenant(_Strict):
+    keys: tuple[str, ...] = ()  # sha256:<hex> hashes of the tenant's API keys
+    tiers: tuple[str, ...] | None = None  # tiers it may use; None: all
+    cache_scope: str | None = None  # tenants with one scope share cache entries
+    budget: TenantBudget | None = None
+    limits: Limits | None = None
+    priority: Literal["critical", "standard", "sheddable"] = "standard"
+
+    @field_validator("keys")
+    @classmethod
+    def _hashed_keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        for key in keys:
+            if not _KEY_HASH.match(key):
+                raise ValueError("must be key hashes `sha256:<64 hex>` (see `triage key new`)")
+        return keys
+
+
+class Auth(_Strict):
+    # Callers without a key act as this tenant; `anonymous: null` requires a key.
+    anonymous: Tenant | None = Tenant()
+
+
+class Budgets(_Strict):
+    tiers: dict[str, WindowBudget] = {}  # global caps per tier, across all tenants
+    failure_mode: Literal["fail_open", "fail_closed"] = "fail_closed"
+    default_max_tokens: int = Field(4096, ge=1)  # reserved when a request sets no max_tokens
+    reservation_ttl_s: float = Field(900.0, gt=0)  # a dead gateway's reservations expire
+
+
 class Policy(_Strict):
     """A validated routing policy. Immutable: a reload builds a new one."""
 
@@ -145,6 +232,11 @@ class Policy(_Strict):
     models: dict[str, ModelSpec] = Field(min_length=1)
     tiers: dict[str, Tier] = Field(min_length=1)
     routing: Routing = Routing()
+    store: StoreSettings = StoreSettings()
+    cache: CacheSettings = CacheSettings()
+    auth: Auth = Auth()
+    tenants: dict[str, Tenant] = {}
+    budgets: Budgets = Budgets()
 
     @property
     def default_tier(self) -> str:
@@ -293,7 +385,9 @@ def _check_references(policy: Policy, base_dir: Path | None) -> list[str]:
             if fallback not in tiers:
                 errors.append(f"routing.fallback.{tier_name}.{i}: unknown tier {fallback!r}")
             elif fallback == tier_name:
-                errors.append(f"routing.fallback.{tier_name}.{i}: a tier cannot fall back to itself")
+                errors.append(
+                    f"routing.fallback.{tier_name}.{i}: a tier cannot fall back to itself"
+                )
 
     if routing.thresholds is not None and routing.strong_fraction is not None:
         errors.append("routing: give `thresholds` or `strong_fraction`, not both")
@@ -309,8 +403,38 @@ def _check_references(policy: Policy, base_dir: Path | None) -> list[str]:
         errors.append("routing: a classifier needs `thresholds` or `strong_fraction`")
     if routing.strong_fraction is not None and len(tiers) < 2:
         errors.append("routing.strong_fraction: needs at least two tiers")
+    errors += _check_tenant_references(policy)
     if routing.classifier is not None:
         path = resolve_classifier_path(policy, base_dir)
         if path is None or not path.exists():
             errors.append(f"routing.classifier: no model directory at {routing.classifier!r}")
+    return errors
+
+
+def _check_tenant_references(policy: Policy) -> list[str]:
+    errors: list[str] = []
+    tiers = policy.tiers
+    for tier_name in policy.cache.tiers:
+        if tier_name not in tiers:
+            errors.append(f"cache.tiers.{tier_name}: unknown tier")
+    for tier_name in policy.budgets.tiers:
+        if tier_name not in tiers:
+            errors.append(f"budgets.tiers.{tier_name}: unknown tier")
+    owners: dict[str, str] = {}
+    everyone = [(f"tenants.{name}", name, t) for name, t in policy.tenants.items()]
+    if policy.auth.anonymous is not None:
+        everyone.append(("auth.anonymous", "anonymous", policy.auth.anonymous))
+    for path, name, tenant in everyone:
+        if name == "anonymous" and path.startswith("tenants."):
+            errors.append(f"{path}: name is reserved for callers without a key")
+        for i, tier_name in enumerate(tenant.tiers or ()):
+            if tier_name not in tiers:
+                errors.append(f"{path}.tiers.{i}: unknown tier {tier_name!r}")
+        for tier_name in tenant.budget.tiers if tenant.budget else {}:
+            if tier_name not in tiers:
+                errors.append(f"{path}.budget.tiers.{tier_name}: unknown tier")
+        for i, key in enumerate(tenant.keys):
+            if key in owners:
+                errors.append(f"{path}.keys.{i}: key already belongs to tenant {owners[key]!r}")
+            owners[key] = name
     return errors

@@ -95,7 +95,10 @@ class Router:
                 route.headers.get(name.lower()) != value for name, value in when.header.items()
             ):
                 continue
-            if when.prompt_tokens_over is not None and route.prompt_tokens <= when.prompt_tokens_over:
+            if (
+                when.prompt_tokens_over is not None
+                and route.prompt_tokens <= when.prompt_tokens_over
+            ):
                 continue
             return self._with_fallback(rule.tier, f"rule:{index}")
         if self.scorer is None:

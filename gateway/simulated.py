@@ -7,9 +7,10 @@ Servers are keyed by their settings, so a policy reload that keeps a model's
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from gateway.policy import Policy, SimulatedPool
-from gateway.sim.profile import profile_from_name
+from gateway.sim.profile import SimProfile, profile_from_name
 from gateway.sim.server import RunningSim, start_sim_server
 
 
@@ -29,8 +30,7 @@ class SimulatedFleet:
             key = (served_name, sim)
             if key not in self._running:
                 self._running[key] = [
-                    await start_sim_server(_profile(served_name, sim, replica))
-                    for replica in range(sim.replicas)
+                    await start_sim_server(_profile(served_name, sim)) for _ in range(sim.replicas)
                 ]
             urls[name] = tuple(server.url for server in self._running[key])
         return urls
@@ -42,13 +42,10 @@ class SimulatedFleet:
         self._running.clear()
 
 
-def _profile(served_name: str, sim: SimulatedPool, replica: int) -> object:
-    overrides: dict[str, object] = {"model": served_name, "seed": sim.seed + replica}
-    profile = profile_from_name(sim.profile)
-    fields = {f.name for f in dataclasses.fields(profile)}
-    for name, value in (("ttft_ms", sim.ttft_ms), ("itl_ms", sim.itl_ms)):
-        if value is not None and name in fields:
-            overrides[name] = value
-    if sim.max_num_seqs is not None:
-        overrides["max_num_seqs"] = sim.max_num_seqs
-    return dataclasses.replace(profile, **overrides)
+def _profile(served_name: str, sim: SimulatedPool) -> SimProfile:
+    # Replicas of one model share a seed: the same prompt gets the same answer anywhere.
+    overrides: dict[str, Any] = {"model": served_name, "seed": sim.seed}
+    for name in ("ttft_ms", "itl_ms", "max_num_seqs"):
+        if getattr(sim, name) is not None:
+            overrides[name] = getattr(sim, name)
+    return dataclasses.replace(profile_from_name(sim.profile), **overrides)

@@ -92,7 +92,9 @@ class Upstream:
             raise status_error(response.status, payload, response.headers.get("retry-after"))
         return response
 
-    async def read(self, replica: Replica, response: aiohttp.ClientResponse, outcome: Outcome) -> bytes:
+    async def read(
+        self, replica: Replica, response: aiohttp.ClientResponse, outcome: Outcome
+    ) -> bytes:
         try:
             with _converted_errors(replica):
                 payload = await response.read()
@@ -171,7 +173,12 @@ def event_data(event: bytes) -> bytes | None:
 
 def status_error(status: int, payload: bytes, retry_after: str | None) -> UpstreamStatus:
     """Map a backend's error status to what the client sees (its 4xx as is, 5xx as 502/503)."""
-    message, error_type, code, param = f"The backend replica returned HTTP {status}.", None, None, None
+    message, error_type, code, param = (
+        f"The backend replica returned HTTP {status}.",
+        None,
+        None,
+        None,
+    )
     with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
         error = orjson.loads(payload).get("error")
         if isinstance(error, dict):

@@ -26,7 +26,11 @@ def test_shipped_policies_load() -> None:
     policy = load_policy(ROOT / "policies/demo.yaml")
     assert list(policy.tiers) == ["cheap", "large"]
     assert policy.default_tier == "cheap"
-    env = {"REDIS_URL": "redis://localhost:6379/0", "LARGE_POOL_KEY": "k", "ADMIN_KEY_HASH": hash_key("a")}
+    env = {
+        "REDIS_URL": "redis://localhost:6379/0",
+        "LARGE_POOL_KEY": "k",
+        "ADMIN_KEY_HASH": hash_key("a"),
+    }
     load_policy(ROOT / "policies/production.example.yaml", env)
 
 
@@ -101,7 +105,8 @@ def test_unset_variable_names_variable_and_path() -> None:
     raw = demo()
     raw["models"]["llama-3.1-8b-instruct"]["api_key"] = "${POOL_KEY}"
     assert errors_of(raw) == [
-        "models.llama-3.1-8b-instruct.api_key: environment variable POOL_KEY is not set (no default)"
+        "models.llama-3.1-8b-instruct.api_key: "
+        "environment variable POOL_KEY is not set (no default)"
     ]
 
 

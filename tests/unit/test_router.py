@@ -29,8 +29,9 @@ class FixedScorer:
         return self.value
 
 
-def decide(router: Router, model: str = "auto", headers: dict[str, str] | None = None,
-           tokens: int = 10) -> Decision:
+def decide(
+    router: Router, model: str = "auto", headers: dict[str, str] | None = None, tokens: int = 10
+) -> Decision:
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
     return router.decide(RouteInput(model, body, headers or {}, tokens))
 
@@ -38,7 +39,10 @@ def decide(router: Router, model: str = "auto", headers: dict[str, str] | None =
 def test_concrete_model_is_pinned_without_fallback(policy: Policy) -> None:
     decision = decide(Router(policy), LARGE)
     assert (decision.tier, decision.candidates, decision.reason) == (
-        "large", (("large", LARGE),), "model")
+        "large",
+        (("large", LARGE),),
+        "model",
+    )
 
 
 def test_tier_name_pins_the_tier(policy: Policy) -> None:
