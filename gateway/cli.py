@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import sys
 from collections.abc import Sequence
@@ -91,6 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.logs import configure_logging
 
     configure_logging(args.log_level)
+    os.environ["TRIAGE_POLICY"] = args.policy  # read by gateway.asgi in each worker process
     uvicorn.run(
         "gateway.asgi:app" if args.workers > 1 else _app(args.policy),
         host=args.host,

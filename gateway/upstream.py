@@ -127,11 +127,16 @@ class Upstream:
                     if outcome.first_token_at is None:
                         outcome.first_token_at = time.perf_counter()
                     if data is not None and b'"usage"' in data:
-                        chunk = orjson.loads(data)
-                        if isinstance(chunk, dict) and chunk.get("usage"):
-                            outcome.usage = chunk["usage"]
-                            if strip_usage_chunk and not chunk.get("choices"):
-                                continue
+                        if b'"usage":null' in data:
+                            if strip_usage_chunk:
+                                # Usage was our request, not the client's: leave no trace.
+                                event = event.replace(b',"usage":null', b"")
+                        else:
+                            chunk = orjson.loads(data)
+                            if isinstance(chunk, dict) and chunk.get("usage"):
+                                outcome.usage = chunk["usage"]
+                                if strip_usage_chunk and not chunk.get("choices"):
+                                    continue
                     yield event + b"\n\n"
             raise UpstreamError("The backend replica ended the stream before [DONE].")
         except TriageError as error:
