@@ -1,0 +1,465 @@
+"""Gateway overhead, side by side in one run: direct, bare relay, Triage, LiteLLM's proxy.
+
+    .venv/bin/python bench/overhead.py [--duration 5] [--concurrency 1 32 128] [--no-litellm]
+
+A stub backend (`triage sim --profile instant`, its own process) answers a seeded mix
+of chat requests; wrk (its own process) drives each target at each concurrency, for
+non-streaming and streaming requests. Reported per run: throughput, p50/p95/p99
+latency, latency added over the direct run at the same concurrency, the target's CPU
+time per request and its peak RSS. LiteLLM's proxy is installed into
+bench/.venv-litellm on first use (skipped with a message if that fails).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+PYTHON = sys.executable
+MODEL = "bench-model"
+LITELLM_VENV = BENCH / ".venv-litellm"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "with",
+    "was",
+    "on",
+    "be",
+    "by",
+    "at",
+    "this",
+    "are",
+    "from",
+    "or",
+    "have",
+    "an",
+    "not",
+    "which",
+    "but",
+    "can",
+    "all",
+    "their",
+    "will",
+    "one",
+    "there",
+    "been",
+    "has",
+    "more",
+    "if",
+    "would",
+    "when",
+    "so",
+    "what",
+    "about",
+    "some",
+    "prove",
+    "integral",
+    "function",
+    "compute",
+    "matrix",
+    "derive",
+    "python",
+    "code",
+    "error",
+    "explain",
+    "why",
+    "how",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def prompts(count: int, seed: int = 7) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 300))) for _ in range(count)]
+
+
+def wrk_script(path: Path, model: str, stream: bool, auth: str | None) -> None:
+    bodies = [
+        json.dumps(
+            {
+                "model": model,
+                "messages": [{"role": "user", "content": text}],
+                "max_tokens": 16,
+                "stream": stream,
+            }
+        )
+        for text in prompts(64)
+    ]
+    lua_bodies = ",\n".join("[==[" + body + "]==]" for body in bodies)
+    auth_header = f'wrk.headers["Authorization"] = "Bearer {auth}"\n' if auth else ""
+    path.write_text(
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        + auth_header
+        + "local bodies = {\n"
+        + lua_bodies
+        + "\n}\nlocal i = 0\n"
+        + "request = function()\n  i = i % #bodies + 1\n"
+        + '  return wrk.format(nil, "/v1/chat/completions", nil, bodies[i])\nend\n'
+        + "done = function(summary, latency, requests)\n"
+        + '  local e = summary.errors\n  io.write(string.format("WRK {\\"requests\\": %d, '
+        + '\\"duration_us\\": %d, \\"errors\\": %d, \\"non2xx\\": %d, \\"p50\\": %d, '
+        + '\\"p95\\": %d, \\"p99\\": %d}\\n", summary.requests, summary.duration, '
+        + "e.connect + e.read + e.write + e.timeout, e.status, latency:percentile(50), "
+        + "latency:percentile(95), latency:percentile(99)))\nend\n"
+    )
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    process: subprocess.Popen[bytes] | None
+    model: str
+    auth: str | None = None
+
+
+@dataclass
+class Row:
+    target: str
+    stream: bool
+    concurrency: int
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    errors: int
+    cpu_ms_per_request: float | None
+    peak_rss_mb: float | None
+    added_p50_ms: float | None = None
+    added_p99_ms: float | None = None
+
+
+def start(
+    args: list[str], health: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.Popen[bytes]:
+    log = tempfile.NamedTemporaryFile(prefix="bench-", suffix=".log", delete=False)
+    process = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{args[:4]} exited: {Path(log.name).read_text()[-2000:]}")
+        try:
+            if httpx.get(health, timeout=1).status_code < 500:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    stop(process)
+    raise RuntimeError(f"{args[:4]} did not start: {Path(log.name).read_text()[-2000:]}")
+
+
+def stop(process: subprocess.Popen[bytes] | None) -> None:
+    if process is not None and process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def process_tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / TICKS
+
+
+def peak_rss_mb(pid: int) -> float:
+    total = 0
+    for member in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def run_wrk(target: Target, stream: bool, concurrency: int, duration: float, workdir: Path) -> Row:
+    script = workdir / f"{target.name}-{stream}.lua"
+    wrk_script(script, target.model, stream, target.auth)
+    threads = 1 if concurrency == 1 else 2
+    base = ["wrk", f"-t{threads}", f"-c{concurrency}", "-s", str(script), "--timeout", "10s"]
+    root = target.url.removesuffix("/v1")
+    subprocess.run([*base, "-d", "1s", root], capture_output=True, check=True)  # warm-up
+    before = cpu_seconds(target.process.pid) if target.process else None
+    out = subprocess.run(
+        [*base, "-d", f"{int(duration)}s", root], capture_output=True, text=True, check=True
+    ).stdout
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("WRK "))[4:])
+    requests = max(result["requests"], 1)
+    cpu = None
+    if target.process is not None and before is not None:
+        cpu = (cpu_seconds(target.process.pid) - before) * 1000 / requests
+    return Row(
+        target=target.name,
+        stream=stream,
+        concurrency=concurrency,
+        rps=result["requests"] / (result["duration_us"] / 1e6),
+        p50_ms=result["p50"] / 1000,
+        p95_ms=result["p95"] / 1000,
+        p99_ms=result["p99"] / 1000,
+        errors=result["errors"] + result["non2xx"],
+        cpu_ms_per_request=cpu,
+        peak_rss_mb=peak_rss_mb(target.process.pid) if target.process else None,
+    )
+
+
+def triage_policy(stub_url: str, path: Path) -> None:
+    classifier = ROOT / "classifiers/models/default"
+    routing: dict[str, object] = {"default_tier": "cheap"}
+    if classifier.exists():
+        routing.update(classifier=str(classifier), strong_fraction=0.3)
+    policy = {
+        "version": 1,
+        "models": {
+            "bench-small": {"replicas": [stub_url], "served_name": MODEL},
+            "bench-large": {"replicas": [stub_url], "served_name": MODEL},
+        },
+        "tiers": {"cheap": {"models": ["bench-small"]}, "large": {"models": ["bench-large"]}},
+        "routing": routing,
+        "cache": {"enabled": False},
+    }
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+
+
+def litellm_target(stub_url: str, workdir: Path) -> Target | None:
+    binary = LITELLM_VENV / "bin/litellm"
+    if not binary.exists():
+        print(
+            "installing LiteLLM's proxy into bench/.venv-litellm (a few minutes)...",
+            file=sys.stderr,
+        )
+        created = subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)]).returncode
+        installed = (
+            created == 0
+            and subprocess.run(
+                [str(LITELLM_VENV / "bin/pip"), "install", "-q", "litellm[proxy]"]
+            ).returncode
+            == 0
+        )
+        if not installed or not binary.exists():
+            print("LiteLLM could not be installed: its rows are skipped.", file=sys.stderr)
+            return None
+    config = workdir / "litellm.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_list": [
+                    {
+                        "model_name": MODEL,
+                        "litellm_params": {
+                            "model": f"openai/{MODEL}",
+                            "api_base": stub_url,
+                            "api_key": "sk-stub",
+                        },
+                    }
+                ]
+            }
+        )
+    )
+    port = free_port()
+    key = "sk-bench-master"
+    env = {"LITELLM_MASTER_KEY": key, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    try:
+        process = start(
+            [str(binary), "--config", str(config), "--port", str(port)],
+            f"http://127.0.0.1:{port}/health/liveliness",
+            env,
+            timeout=120,
+        )
+    except RuntimeError as exc:
+        print(f"LiteLLM did not start, its rows are skipped: {exc}", file=sys.stderr)
+        return None
+    return Target("litellm", f"http://127.0.0.1:{port}/v1", process, MODEL, key)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
+    parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--only", nargs="+", help="targets to run (direct always runs)")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is required: apt-get install -y wrk", file=sys.stderr)
+        return 2
+
+    workdir = Path(tempfile.mkdtemp(prefix="triage-bench-"))
+    stub_port = free_port()
+    stub = start(
+        [
+            PYTHON,
+            "-m",
+            "gateway.cli",
+            "sim",
+            "--profile",
+            "instant",
+            "--port",
+            str(stub_port),
+            "--model",
+            MODEL,
+        ],
+        f"http://127.0.0.1:{stub_port}/health",
+    )
+    stub_url = f"http://127.0.0.1:{stub_port}/v1"
+    targets = [Target("direct", stub_url, stub, MODEL)]
+    try:
+        wanted = set(args.only or ["relay", "triage", "litellm"])
+        if "relay" in wanted:
+            port = free_port()
+            relay = start(
+                [PYTHON, str(BENCH / "relay.py"), stub_url, str(port)],
+                f"http://127.0.0.1:{port}/v1/x",
+            )
+            targets.append(Target("relay", f"http://127.0.0.1:{port}/v1", relay, MODEL))
+        if "triage" in wanted:
+            policy = workdir / "policy.yaml"
+            triage_policy(stub_url, policy)
+            port = free_port()
+            gateway = start(
+                [
+                    PYTHON,
+                    "-m",
+                    "gateway.cli",
+                    "serve",
+                    "--policy",
+                    str(policy),
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "warning",
+                ],
+                f"http://127.0.0.1:{port}/healthz",
+            )
+            targets.append(Target("triage", f"http://127.0.0.1:{port}/v1", gateway, "auto"))
+        if "litellm" in wanted and not args.no_litellm:
+            litellm = litellm_target(stub_url, workdir)
+            if litellm is not None:
+                targets.append(litellm)
+
+        rows: list[Row] = []
+        for stream in (False, True):
+            for concurrency in args.concurrency:
+                floor = None
+                for target in targets:
+                    row = run_wrk(target, stream, concurrency, args.duration, workdir)
+                    if target.name == "direct":
+                        floor = row
+                    elif floor is not None:
+                        row.added_p50_ms = row.p50_ms - floor.p50_ms
+                        row.added_p99_ms = row.p99_ms - floor.p99_ms
+                    rows.append(row)
+                    print(
+                        f"  {row.target:8} stream={stream!s:5} c={concurrency:<4}"
+                        f" {row.rps:9.0f} req/s  p50 {row.p50_ms:7.2f} ms  p99 "
+                        f"{row.p99_ms:7.2f} ms  errors {row.errors}",
+                        file=sys.stderr,
+                    )
+        print(report(rows))
+        out = BENCH / "results"
+        out.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        (out / f"overhead-{stamp}.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    finally:
+        for target in targets:
+            stop(target.process)
+    return 0
+
+
+def report(rows: list[Row]) -> str:
+    def fmt(value: float | None, digits: int = 2) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        "| target | stream | conc. | req/s | p50 ms | p95 ms | p99 ms | +p50 ms | +p99 ms "
+        "| CPU ms/req | peak RSS MB | errors |",
+        "|" + "---|" * 12,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.target} | {'yes' if r.stream else 'no'} | {r.concurrency} | {r.rps:.0f} | "
+            f"{fmt(r.p50_ms)} | {fmt(r.p95_ms)} | {fmt(r.p99_ms)} | {fmt(r.added_p50_ms)} | "
+            f"{fmt(r.added_p99_ms)} | {fmt(r.cpu_ms_per_request, 3)} | "
+            f"{fmt(r.peak_rss_mb, 0)} | {r.errors} |"
+        )
+    by_key = {(r.target, r.stream, r.concurrency): r for r in rows}
+    lines += [
+        "",
+        "| stream | conc. | triage / relay (req/s) | triage / litellm (req/s) |",
+        "|---|---|---|---|",
+    ]
+    for (target, stream, concurrency), row in by_key.items():
+        if target != "triage":
+            continue
+        relay = by_key.get(("relay", stream, concurrency))
+        litellm = by_key.get(("litellm", stream, concurrency))
+        lines.append(
+            f"| {'yes' if stream else 'no'} | {concurrency} | "
+            f"{fmt(row.rps / relay.rps if relay else None)} | "
+            f"{fmt(row.rps / litellm.rps if litellm else None, 1)} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
