@@ -163,7 +163,7 @@ class Row:
 def start(
     args: list[str], health: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.Popen[bytes]:
-    log = tempfile.NamedTemporaryFile(prefix="bench-", suffix=".log", delete=False)
+    log = tempfile.NamedTemporaryFile(prefix="bench-", suffix=".log", delete=False)  # noqa: SIM115 (outlives this call: the child writes to it)
     process = subprocess.Popen(
         args,
         cwd=ROOT,
