@@ -97,6 +97,14 @@ def test_sdk_stream_matches_non_stream(client: openai.OpenAI) -> None:
     assert len({c.id for c in chunks}) == 1
 
 
+def test_injected_usage_leaves_no_trace(gateway: Service) -> None:
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions",
+                      json=chat(stream=True, max_tokens=4)) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert not any("usage" in line for line in lines)
+
+
 def test_stream_with_usage_keeps_usage_chunk(client: openai.OpenAI) -> None:
     chunks = list(
         client.chat.completions.create(
@@ -261,6 +269,23 @@ def test_backend_errors_map_to_sdk_exceptions(
     assert info.value.status_code == status
     if kind == "429":
         assert info.value.response.headers["retry-after"] == "7"
+
+
+def test_body_over_limit_is_sdk_status_error(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": "x" * (11 * 1024 * 1024)}])
+    assert info.value.status_code == 413
+
+
+def test_connection_reset_is_502(
+    client: openai.OpenAI, sims: dict[str, list[Service]]
+) -> None:
+    for sim in sims["large"]:
+        set_faults(sim, rate=1.0, kind="reset")
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="large", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 502
 
 
 def test_backend_hang_is_504(log_dir: Path, services: Callable[[Service], Service]) -> None:
