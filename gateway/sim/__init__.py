@@ -1,0 +1,1 @@
+"""Simulated vLLM-shaped GPU backend, for the demo, the tests and the benchmarks."""

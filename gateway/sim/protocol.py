@@ -1,0 +1,230 @@
+"""Parsing and validating the OpenAI request bodies the simulated backend accepts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import orjson
+
+from gateway.sim.tokens import count_tokens
+
+__all__ = [
+    "EmbeddingRequest",
+    "SimRequest",
+    "SimRequestError",
+    "parse_chat_request",
+    "parse_completion_request",
+    "parse_embedding_request",
+    "parse_json_object",
+]
+
+# vLLM's chat template adds a few tokens around each message.
+_TOKENS_PER_MESSAGE = 4
+
+
+class SimRequestError(Exception):
+    """A request the sim refuses, with the fields of its OpenAI error body."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = tuple(headers)
+
+    def __repr__(self) -> str:
+        return f"SimRequestError(status={self.status}, message={self.message!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class SimRequest:
+    """The parts of a chat or text completion request that shape the simulated answer."""
+
+    endpoint: Literal["chat", "completion"]
+    model: str | None
+    prompt: str
+    prompt_tokens: int
+    max_tokens: int | None
+    min_tokens: int
+    ignore_eos: bool
+    seed: int | None
+    stream: bool
+    include_usage: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    """An embeddings request: the model asked for and the texts to embed."""
+
+    model: str | None
+    inputs: tuple[str, ...]
+
+
+def parse_json_object(raw: bytes) -> dict[str, object]:
+    """Decode a request body that must be a JSON object."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise SimRequestError(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise SimRequestError(f"request body must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_chat_request(body: dict[str, object]) -> SimRequest:
+    """Validate a /v1/chat/completions body."""
+    prompt, prompt_tokens = _chat_prompt(body.get("messages"))
+    return _sim_request("chat", body, prompt, prompt_tokens)
+
+
+def parse_completion_request(body: dict[str, object]) -> SimRequest:
+    """Validate a /v1/completions body."""
+    prompt, prompt_tokens = _completion_prompt(body.get("prompt"))
+    return _sim_request("completion", body, prompt, prompt_tokens)
+
+
+def parse_embedding_request(body: dict[str, object]) -> EmbeddingRequest:
+    """Validate a /v1/embeddings body: `input` is a string or a non-empty list of strings."""
+    value = body.get("input")
+    if isinstance(value, str):
+        inputs: tuple[str, ...] = (value,)
+    elif isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        inputs = tuple(value)
+    else:
+        raise SimRequestError(
+            "input must be a string or a non-empty list of strings", param="input"
+        )
+    return EmbeddingRequest(model=_model(body), inputs=inputs)
+
+
+def _sim_request(
+    endpoint: Literal["chat", "completion"],
+    body: dict[str, object],
+    prompt: str,
+    prompt_tokens: int,
+) -> SimRequest:
+    n = _optional_int(body, "n", minimum=1)
+    if n is not None and n != 1:
+        raise SimRequestError(f"the sim only supports n=1, got n={n}", param="n")
+    # vLLM's rule: max_completion_tokens, the newer name, wins over max_tokens.
+    max_tokens = _optional_int(body, "max_completion_tokens", minimum=1)
+    if max_tokens is None:
+        max_tokens = _optional_int(body, "max_tokens", minimum=1)
+    stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise SimRequestError("stream_options must be an object", param="stream_options")
+    include_usage = stream and options is not None and _bool(options, "include_usage")
+    return SimRequest(
+        endpoint=endpoint,
+        model=_model(body),
+        prompt=prompt,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        min_tokens=_optional_int(body, "min_tokens", minimum=0) or 0,
+        ignore_eos=_bool(body, "ignore_eos"),
+        seed=_optional_int(body, "seed", minimum=None),
+        stream=stream,
+        include_usage=include_usage,
+    )
+
+
+def _chat_prompt(messages: object) -> tuple[str, int]:
+    if not isinstance(messages, list) or not messages:
+        raise SimRequestError("messages must be a non-empty list", param="messages")
+    lines: list[str] = []
+    tokens = 0
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if not isinstance(role, str):
+            raise SimRequestError(
+                f"messages[{index}] must be an object with a string role",
+                param=f"messages[{index}]",
+            )
+        text = _content_text(message.get("content"), index)
+        lines.append(f"{role}: {text}")
+        tokens += count_tokens(text) + _TOKENS_PER_MESSAGE
+    return "\n".join(lines), tokens
+
+
+def _content_text(content: object, index: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    error = SimRequestError(
+        f"messages[{index}].content must be a string or a list of content parts",
+        param=f"messages[{index}].content",
+    )
+    if not isinstance(content, list):
+        raise error
+    texts: list[str] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            raise error
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise error
+            texts.append(text)
+        # Image and audio parts cost nothing here: the sim has no vision or audio tower.
+    return "\n".join(texts)
+
+
+def _completion_prompt(prompt: object) -> tuple[str, int]:
+    if isinstance(prompt, str):
+        return prompt, count_tokens(prompt)
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(item, int) and not isinstance(item, bool) for item in prompt):
+            return " ".join(map(str, prompt)), len(prompt)
+        if len(prompt) == 1 and isinstance(prompt[0], str):
+            return prompt[0], count_tokens(prompt[0])
+        if all(isinstance(item, str) for item in prompt):
+            raise SimRequestError(
+                f"the sim serves one prompt per request, got {len(prompt)}", param="prompt"
+            )
+    raise SimRequestError(
+        "prompt must be a string, a list of one string or a list of token ids", param="prompt"
+    )
+
+
+def _model(body: dict[str, object]) -> str | None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise SimRequestError("model must be a string", param="model")
+    return model
+
+
+def _optional_int(body: dict[str, object], key: str, *, minimum: int | None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or (minimum is not None and value < minimum)
+    ):
+        bound = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise SimRequestError(f"{key} must be {bound}, got {value!r}", param=key)
+    return value
+
+
+def _bool(body: dict[str, object], key: str) -> bool:
+    value = body.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise SimRequestError(f"{key} must be a boolean, got {value!r}", param=key)
+    return value
