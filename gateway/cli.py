@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--timeout-graceful-shutdown",
+        type=int,
+        default=30,
+        help="seconds to let in-flight requests and streams finish after SIGTERM",
+    )
     serve.set_defaults(handler=_serve)
 
     check = commands.add_parser("check", help="validate a policy file; exit 1 on errors")
@@ -93,6 +99,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level)
     os.environ["TRIAGE_POLICY"] = args.policy  # read by gateway.asgi in each worker process
+    if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Workers write their metrics to files here, so one scrape sees all of them.
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="triage-metrics-")
     uvicorn.run(
         "gateway.asgi:app" if args.workers > 1 else _app(args.policy),
         host=args.host,
@@ -102,7 +113,7 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,
         loop="auto",
         http="auto",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=args.timeout_graceful_shutdown,
         env_file=None,
     )
     return 0
