@@ -148,6 +148,13 @@ class StoreSettings(_Strict):
     embedded_max_bytes: int = Field(256 * 1024 * 1024, gt=0)
     key_prefix: str = "triage:"
 
+    @field_validator("key_prefix")
+    @classmethod
+    def _no_hash_tag(cls, prefix: str) -> str:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("must not contain { or }: keys carry their own cluster hash tags")
+        return prefix
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, url: str | None) -> str | None:

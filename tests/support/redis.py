@@ -39,6 +39,7 @@ class RedisServer:
 
     port: int = field(default_factory=_free_port)
     cluster: bool = False
+    bus_port: int = field(default_factory=_free_port)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="redis-")))
     process: subprocess.Popen[bytes] | None = None
 

@@ -1,0 +1,1 @@
+"""The exact response cache: plan (key, rules), entries, replay, single-flight lookup."""
