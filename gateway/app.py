@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import os
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -23,6 +22,9 @@ from gateway.api.errors import error_response
 from gateway.api.request import ParsedRequest, read_request
 from gateway.api.schemas import UPSTREAM_PATHS, RequestKind
 from gateway.api.streaming import EventStreamResponse
+from gateway.auth import ANONYMOUS, Caller, tier_forbidden
+from gateway.cache.plan import CACHE_HEADER
+from gateway.cache.replay import render_events, render_json
 from gateway.errors import (
     AuthenticationFailed,
     InvalidRequest,
@@ -30,12 +32,14 @@ from gateway.errors import (
     TriageError,
     UpstreamUnavailable,
 )
+from gateway.exchange import Exchange, new_request_id
 from gateway.policy import PolicyError, hash_key, load_policy
-from gateway.pools import Pool, Replica
+from gateway.pools import Replica
 from gateway.router import AUTO, Decision, RouteInput
-from gateway.runtime import Runtime, build_runtime
+from gateway.runtime import Runtime, Stores, build_runtime
 from gateway.simulated import SimulatedFleet
-from gateway.upstream import ConnectFailed, Outcome, Upstream, close_session, new_session
+from gateway.store import StoreUnavailable
+from gateway.upstream import ConnectFailed, Upstream, close_session, new_session
 
 logger = logging.getLogger("triage")
 
@@ -48,6 +52,7 @@ class Gateway:
     def __init__(self, policy_path: Path) -> None:
         self.policy_path = policy_path
         self.fleet = SimulatedFleet()
+        self.stores = Stores()
         self._runtime: Runtime | None = None
         self._session: aiohttp.ClientSession | None = None
         self._upstream: Upstream | None = None
@@ -73,7 +78,9 @@ class Gateway:
         self._upstream = Upstream(
             self._session, server.upstream_timeout_s, server.upstream_connect_timeout_s
         )
-        self._runtime = await build_runtime(policy, self.policy_path.parent, self.fleet)
+        self._runtime = await build_runtime(
+            policy, self.policy_path.parent, self.fleet, self.stores
+        )
         _on_sighup(lambda: asyncio.ensure_future(self.reload()))
         try:
             yield
@@ -81,13 +88,16 @@ class Gateway:
             await self.runtime.close()
             await close_session(self._session)
             await self.fleet.stop()
+            await self.stores.close()
 
     async def reload(self) -> list[str]:
         """Load the policy file again; keep the old one if the new one is invalid."""
         async with self._reload_lock:
             try:
                 policy = load_policy(self.policy_path)
-                runtime = await build_runtime(policy, self.policy_path.parent, self.fleet)
+                runtime = await build_runtime(
+                    policy, self.policy_path.parent, self.fleet, self.stores
+                )
             except PolicyError as exc:
                 logger.error("policy reload rejected, keeping the current policy:\n%s", exc)
                 return exc.errors
@@ -110,34 +120,73 @@ class Gateway:
 
     async def _generate(self, request: Request, kind: RequestKind) -> Response:
         runtime = self.runtime  # this request keeps this policy to the end
-        request_id = os.urandom(12).hex()
+        request_id = new_request_id()
         try:
             parsed = await read_request(request, kind, runtime.policy.server.max_body_bytes)
-            decision = self._route(runtime, parsed, request)
-            return await self._forward(runtime, parsed, decision, request_id, request.headers)
+            caller = runtime.auth.authenticate(request.headers)
+            decision = self._route(runtime, parsed, caller, request)
+            exchange = Exchange(request_id, parsed, caller, decision)
+            exchange.headers["x-triage-request-id"] = request_id
+            if decision.difficulty is not None:
+                exchange.headers["x-triage-difficulty"] = f"{decision.difficulty:.4f}"
+            hit = await self._cache_lookup(runtime, exchange, request.headers)
+            if hit is not None:
+                return hit
+            try:
+                return await self._forward(runtime, exchange, request.headers)
+            except BaseException:
+                await exchange.finish()
+                raise
         except TriageError as error:
             return error_response(error, {"x-triage-request-id": request_id})
 
-    def _route(self, runtime: Runtime, parsed: ParsedRequest, request: Request) -> Decision:
+    def _route(
+        self, runtime: Runtime, parsed: ParsedRequest, caller: Caller, request: Request
+    ) -> Decision:
         if parsed.kind == "embeddings" and parsed.model == AUTO:
             raise InvalidRequest("Embeddings need a model or tier name, not 'auto'.", param="model")
         route = RouteInput(
             parsed.model, parsed.body, request.headers, parsed.estimated_prompt_tokens()
         )
-        return runtime.router.decide(route)
+        decision = runtime.router.decide(route)
+        allowed = decision.restricted_to(caller.may_use)
+        if allowed is None:
+            raise tier_forbidden(caller, decision.tier)
+        return allowed
+
+    async def _cache_lookup(
+        self, runtime: Runtime, exchange: Exchange, client_headers: Mapping[str, str]
+    ) -> Response | None:
+        """A cached answer as the client asked for it, or None (with a recorder set up)."""
+        tier, model = exchange.decision.candidates[0]
+        parsed = exchange.parsed
+        plan = runtime.cache.plan(
+            scope=exchange.caller.cache_scope,
+            tier=tier,
+            model=model,
+            kind=parsed.kind,
+            body=parsed.body,
+            headers=client_headers,
+        )
+        found = await runtime.cache.lookup(plan)
+        exchange.plan, exchange.recorder = plan, found.recorder
+        exchange.headers[CACHE_HEADER] = found.status
+        if found.entry is None:
+            return None
+        headers = {**exchange.headers, "x-triage-tier": tier, "x-triage-model": found.entry.model}
+        if parsed.stream:
+            events = render_events(found.entry, parsed.client_wants_usage)
+            return Response(b"".join(events), headers=headers, media_type="text/event-stream")
+        return Response(render_json(found.entry), headers=headers, media_type="application/json")
 
     async def _forward(
-        self,
-        runtime: Runtime,
-        parsed: ParsedRequest,
-        decision: Decision,
-        request_id: str,
-        client_headers: Mapping[str, str],
+        self, runtime: Runtime, exchange: Exchange, client_headers: Mapping[str, str]
     ) -> Response:
         """Try the decision's candidates in order; one retry on a replica that refused."""
         headers = {h: client_headers[h] for h in FORWARDED_HEADERS if h in client_headers}
+        parsed = exchange.parsed
         last_error: TriageError | None = None
-        for tier, model in decision.candidates:
+        for tier, model in exchange.decision.candidates:
             pool = runtime.pools[model]
             tried: list[Replica] = []
             while len(tried) < 2 and (replica := pool.pick(exclude=tried)) is not None:
@@ -155,39 +204,38 @@ class Gateway:
                 except BaseException:
                     replica.in_flight -= 1
                     raise
-                meta = _response_headers(request_id, tier, pool, decision)
-                return await self._respond(parsed, pool, replica, response, meta)
+                exchange.served_by(tier, pool, replica)
+                return await self._respond(exchange, response)
         raise last_error or UpstreamUnavailable(
-            f"No healthy replica for tier '{decision.tier}'.", code="no_healthy_replica"
+            f"No healthy replica for tier '{exchange.decision.tier}'.", code="no_healthy_replica"
         )
 
-    async def _respond(
-        self,
-        parsed: ParsedRequest,
-        pool: Pool,
-        replica: Replica,
-        response: aiohttp.ClientResponse,
-        headers: dict[str, str],
-    ) -> Response:
-        outcome = Outcome()
-        if parsed.stream:
-            strip = not parsed.client_wants_usage
-            events = self._relay(replica, response, outcome, strip)
-            return EventStreamResponse(events, headers)  # type: ignore[return-value]
+    async def _respond(self, exchange: Exchange, response: aiohttp.ClientResponse) -> Response:
+        assert exchange.replica is not None
+        if exchange.parsed.stream:
+            return EventStreamResponse(self._relay(exchange, response), exchange.headers)  # type: ignore[return-value]
         try:
-            payload = await self.upstream.read(replica, response, outcome)
+            payload = await self.upstream.read(exchange.replica, response, exchange.outcome)
+            if exchange.recorder is not None:
+                exchange.recorder.feed_body(payload)
         finally:
-            replica.in_flight -= 1
-        return Response(payload, headers=headers, media_type="application/json")
+            await exchange.finish()
+        return Response(payload, headers=exchange.headers, media_type="application/json")
 
     async def _relay(
-        self, replica: Replica, response: aiohttp.ClientResponse, outcome: Outcome, strip: bool
+        self, exchange: Exchange, response: aiohttp.ClientResponse
     ) -> AsyncIterator[bytes]:
+        assert exchange.replica is not None
+        strip = not exchange.parsed.client_wants_usage
+        recorder = exchange.recorder
         try:
-            async for event in self.upstream.relay(replica, response, outcome, strip):
+            events = self.upstream.relay(exchange.replica, response, exchange.outcome, strip)
+            async for event in events:
+                if recorder is not None:
+                    recorder.feed_event(event)
                 yield event
         finally:
-            replica.in_flight -= 1
+            await exchange.finish()
 
     # --- everything else ---------------------------------------------------------------
 
@@ -212,6 +260,24 @@ class Gateway:
             return JSONResponse({"reloaded": False, "errors": errors}, status_code=400)
         return JSONResponse({"reloaded": True})
 
+    async def admin_cache_delete(self, request: Request) -> Response:
+        """`DELETE /admin/cache?tenant=T&model=M`: either, both, or neither (everything)."""
+        self._check_admin(request)
+        runtime = self.runtime
+        tenant = request.query_params.get("tenant")
+        scope = None
+        if tenant is not None:
+            policy = runtime.policy
+            settings = policy.auth.anonymous if tenant == ANONYMOUS else policy.tenants.get(tenant)
+            scope = (settings.cache_scope if settings else None) or tenant
+        try:
+            deleted = await runtime.cache.invalidate(scope, request.query_params.get("model"))
+        except StoreUnavailable as exc:
+            raise UpstreamUnavailable(
+                "The cache store is unavailable.", code="store_unavailable"
+            ) from exc
+        return JSONResponse({"deleted": deleted})
+
     def _check_admin(self, request: Request) -> None:
         expected = self.runtime.policy.server.admin_key
         if expected is None:
@@ -232,6 +298,7 @@ def build_app(policy_path: str | Path) -> Starlette:
         Route("/healthz", gateway.healthz, methods=["GET"]),
         Route("/readyz", gateway.readyz, methods=["GET"]),
         Route("/admin/reload", gateway.admin_reload, methods=["POST"]),
+        Route("/admin/cache", gateway.admin_cache_delete, methods=["DELETE"]),
     ]
     app = Starlette(
         routes=routes,
@@ -244,17 +311,6 @@ def build_app(policy_path: str | Path) -> Starlette:
     )
     app.state.gateway = gateway
     return app
-
-
-def _response_headers(request_id: str, tier: str, pool: Pool, decision: Decision) -> dict[str, str]:
-    headers = {
-        "x-triage-request-id": request_id,
-        "x-triage-tier": tier,
-        "x-triage-model": pool.model,
-    }
-    if decision.difficulty is not None:
-        headers["x-triage-difficulty"] = f"{decision.difficulty:.4f}"
-    return headers
 
 
 async def _triage_error(request: Request, exc: Exception) -> Response:

@@ -56,11 +56,11 @@ class Authenticator:
             raise AuthenticationFailed("Incorrect API key provided.")
         return caller
 
-    @staticmethod
-    def check_tier(caller: Caller, tier: str) -> None:
-        if not caller.may_use(tier):
-            allowed = ", ".join(caller.settings.tiers or ())
-            raise PermissionDenied(
-                f"Tenant '{caller.tenant}' may not use tier '{tier}' (allowed: {allowed}).",
-                code="tier_not_allowed",
-            )
+
+
+def tier_forbidden(caller: Caller, tier: str) -> PermissionDenied:
+    allowed = ", ".join(caller.settings.tiers or ())
+    return PermissionDenied(
+        f"Tenant '{caller.tenant}' may not use tier '{tier}' (allowed: {allowed}).",
+        code="tier_not_allowed",
+    )

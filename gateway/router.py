@@ -7,7 +7,7 @@ difficulty classifier's score against the policy's thresholds, then the default 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -46,6 +46,13 @@ class Decision:
     @property
     def model(self) -> str:
         return self.candidates[0][1]
+
+    def restricted_to(self, may_use: Callable[[str], bool]) -> Decision | None:
+        """Only the candidates in tiers the caller may use; None if the chosen tier is not."""
+        if not may_use(self.tier):
+            return None
+        candidates = tuple((tier, model) for tier, model in self.candidates if may_use(tier))
+        return Decision(self.tier, candidates, self.reason, self.difficulty)
 
 
 class Router:

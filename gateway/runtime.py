@@ -10,10 +10,30 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.policy import Policy, resolve_classifier_path
+from gateway.auth import Authenticator
+from gateway.cache.response_cache import ResponseCache
+from gateway.policy import Policy, StoreSettings, resolve_classifier_path
 from gateway.pools import HealthChecker, Pool
 from gateway.router import DifficultyScorer, Router
 from gateway.simulated import SimulatedFleet
+from gateway.store import Store, open_store
+
+
+class Stores:
+    """Open stores by settings: a reload that keeps `store:` keeps its connections."""
+
+    def __init__(self) -> None:
+        self._open: dict[StoreSettings, Store] = {}
+
+    def get(self, settings: StoreSettings) -> Store:
+        if settings not in self._open:
+            self._open[settings] = open_store(settings)
+        return self._open[settings]
+
+    async def close(self) -> None:
+        for store in self._open.values():
+            await store.close()
+        self._open.clear()
 
 
 @dataclass(frozen=True)
@@ -22,6 +42,8 @@ class Runtime:
     router: Router
     pools: Mapping[str, Pool]
     health: HealthChecker
+    auth: Authenticator
+    cache: ResponseCache
 
     def ready(self) -> dict[str, bool]:
         """Per tier: does at least one of its models have a healthy replica?"""
@@ -34,7 +56,9 @@ class Runtime:
         await self.health.stop()
 
 
-async def build_runtime(policy: Policy, base_dir: Path | None, fleet: SimulatedFleet) -> Runtime:
+async def build_runtime(
+    policy: Policy, base_dir: Path | None, fleet: SimulatedFleet, stores: Stores
+) -> Runtime:
     simulated = await fleet.urls_for(policy)
     pools = {
         name: Pool.from_urls(name, spec.replicas or simulated[name], spec.served_name, spec.api_key)
@@ -43,7 +67,12 @@ async def build_runtime(policy: Policy, base_dir: Path | None, fleet: SimulatedF
     scorer, thresholds = load_classifier(policy, base_dir)
     health = HealthChecker(pools.values(), policy.server.health_check_interval_s)
     health.start()
-    return Runtime(policy, Router(policy, scorer, thresholds), pools, health)
+    store = stores.get(policy.store)
+    await store.ping()  # connects early; on a cluster, loads the slot map
+    router = Router(policy, scorer, thresholds)
+    return Runtime(
+        policy, router, pools, health, Authenticator(policy), ResponseCache(store, policy.cache)
+    )
 
 
 def load_classifier(
