@@ -1,0 +1,1 @@
+"""Difficulty classifiers: plain scikit-learn, no server code."""

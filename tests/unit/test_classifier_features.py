@@ -1,0 +1,63 @@
+"""Request text extraction: which parts are read, and that reading is bounded."""
+
+from __future__ import annotations
+
+import time
+
+from classifiers.features import DENSE_NAMES, HEAD_CHARS, TAIL_CHARS, extract, text_of_request
+
+
+def test_chat_parts() -> None:
+    parts = text_of_request(
+        {
+            "messages": [
+                {"role": "system", "content": "Be terse."},
+                {"role": "user", "content": "first question"},
+                {"role": "assistant", "content": "first answer"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "second"}, {"type": "image_url"}],
+                },
+            ],
+            "max_tokens": 512,
+            "tools": [{"type": "function"}],
+            "response_format": {"type": "json_object"},
+        }
+    )
+    assert parts.last_user == "second"
+    assert parts.system == "Be terse."
+    assert "first question" in parts.history and "first answer" in parts.history
+    assert (parts.turns, parts.max_tokens, parts.tools, parts.json_format, parts.images) == (
+        2,
+        512,
+        1,
+        True,
+        1,
+    )
+
+
+def test_completions_prompt() -> None:
+    assert text_of_request({"prompt": "Once upon"}).last_user == "Once upon"
+    assert text_of_request({"prompt": ["a", "b"]}).last_user == "a"
+    assert text_of_request({}).last_user == ""
+
+
+def test_huge_prompt_is_capped() -> None:
+    text = "word " * 40_000 + "final question?"
+    parts = text_of_request({"prompt": text})
+    assert len(parts.last_user) <= HEAD_CHARS + TAIL_CHARS + 1
+    assert parts.last_user.endswith("final question?")
+    assert parts.last_user_chars == len(text)
+    start = time.perf_counter()
+    extract({"prompt": text})
+    assert time.perf_counter() - start < 0.05
+
+
+def test_structural_features() -> None:
+    mcq = extract({"prompt": "Which is prime?\nA. 4\nB. 6\nC. 7\nD. 9\nAnswer:"}).dense
+    assert mcq[DENSE_NAMES.index("mcq_options")] == 1.0
+    assert mcq[DENSE_NAMES.index("ends_with_answer")] == 1.0
+    code = extract({"prompt": "Fix this python:\n```\ndef f(x):\n    return x;\n```"}).dense
+    assert code[DENSE_NAMES.index("code_fence")] == 1.0
+    assert code[DENSE_NAMES.index("lex_code")] > 0
+    assert len(mcq) == len(DENSE_NAMES)
