@@ -39,6 +39,7 @@ from gateway.router import AUTO, Decision, RouteInput
 from gateway.runtime import Runtime, Stores, build_runtime
 from gateway.simulated import SimulatedFleet
 from gateway.store import StoreUnavailable
+from gateway.telemetry import RequestRecord, Telemetry
 from gateway.upstream import ConnectFailed, Upstream, close_session, new_session
 
 logger = logging.getLogger("triage")
@@ -57,6 +58,12 @@ class Gateway:
         self._session: aiohttp.ClientSession | None = None
         self._upstream: Upstream | None = None
         self._reload_lock = asyncio.Lock()
+        self._telemetry: Telemetry | None = None
+
+    @property
+    def telemetry(self) -> Telemetry:
+        assert self._telemetry is not None, "the lifespan has not started"
+        return self._telemetry
 
     @property
     def runtime(self) -> Runtime:
@@ -74,6 +81,7 @@ class Gateway:
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         policy = load_policy(self.policy_path)
         server = policy.server
+        self._telemetry = Telemetry(policy.telemetry)
         self._session = new_session(server.upstream_connections_per_replica)
         self._upstream = Upstream(
             self._session, server.upstream_timeout_s, server.upstream_connect_timeout_s
@@ -81,10 +89,12 @@ class Gateway:
         self._runtime = await build_runtime(
             policy, self.policy_path.parent, self.fleet, self.stores
         )
+        self.telemetry.bind(policy, self.runtime.pools)
         _on_sighup(lambda: asyncio.ensure_future(self.reload()))
         try:
             yield
         finally:
+            await self.telemetry.close()
             await self.runtime.close()
             await close_session(self._session)
             await self.fleet.stop()
@@ -102,6 +112,7 @@ class Gateway:
                 logger.error("policy reload rejected, keeping the current policy:\n%s", exc)
                 return exc.errors
             old, self._runtime = self._runtime, runtime
+            self.telemetry.bind(policy, runtime.pools)
             if old is not None:
                 await old.close()
             logger.info("policy reloaded from %s", self.policy_path)
@@ -120,25 +131,38 @@ class Gateway:
 
     async def _generate(self, request: Request, kind: RequestKind) -> Response:
         runtime = self.runtime  # this request keeps this policy to the end
-        request_id = new_request_id()
+        record = self.telemetry.start(kind, request.headers, new_request_id())
         try:
-            parsed = await read_request(request, kind, runtime.policy.server.max_body_bytes)
-            caller = runtime.auth.authenticate(request.headers)
-            decision = self._route(runtime, parsed, caller, request)
-            exchange = Exchange(request_id, parsed, caller, decision)
-            exchange.headers["x-triage-request-id"] = request_id
-            if decision.difficulty is not None:
-                exchange.headers["x-triage-difficulty"] = f"{decision.difficulty:.4f}"
+            exchange = await self._admit(runtime, request, kind, record)
             hit = await self._cache_lookup(runtime, exchange, request.headers)
             if hit is not None:
+                await exchange.finish()
                 return hit
             try:
                 return await self._forward(runtime, exchange, request.headers)
-            except BaseException:
+            except BaseException as error:
+                record.fail(error)
                 await exchange.finish()
                 raise
         except TriageError as error:
-            return error_response(error, {"x-triage-request-id": request_id})
+            record.fail(error)
+            self.telemetry.finish(record)
+            return error_response(error, {"x-triage-request-id": record.request_id})
+
+    async def _admit(
+        self, runtime: Runtime, request: Request, kind: RequestKind, record: RequestRecord
+    ) -> Exchange:
+        """Parse, authenticate and route: everything decided before any state is touched."""
+        parsed = await read_request(request, kind, runtime.policy.server.max_body_bytes)
+        record.requested(parsed)
+        with record.trace.span("triage.auth"):
+            caller = runtime.auth.authenticate(request.headers)
+        record.tenant = caller.tenant
+        with record.trace.span("triage.route"):
+            decision = self._route(runtime, parsed, caller, request)
+        record.routed(decision)
+        prices = runtime.prices
+        return Exchange(parsed, caller, decision, record, self.telemetry, prices)
 
     def _route(
         self, runtime: Runtime, parsed: ParsedRequest, caller: Caller, request: Request
@@ -168,16 +192,25 @@ class Gateway:
             body=parsed.body,
             headers=client_headers,
         )
-        found = await runtime.cache.lookup(plan)
+        with exchange.record.trace.span("triage.cache.lookup"):
+            found = await runtime.cache.lookup(plan)
         exchange.plan, exchange.recorder = plan, found.recorder
         exchange.headers[CACHE_HEADER] = found.status
-        if found.entry is None:
+        exchange.record.cache = found.status.value
+        entry = found.entry
+        if entry is None:
             return None
-        headers = {**exchange.headers, "x-triage-tier": tier, "x-triage-model": found.entry.model}
+        exchange.record.served(tier, entry.model, "")
+        if entry.usage is not None and entry.model in runtime.prices:
+            saved = runtime.prices[entry.model].cost(
+                entry.usage.prompt_tokens, entry.usage.completion_tokens
+            )
+            exchange.record.saved_usd = saved
+        headers = {**exchange.headers, "x-triage-tier": tier, "x-triage-model": entry.model}
         if parsed.stream:
-            events = render_events(found.entry, parsed.client_wants_usage)
+            events = render_events(entry, parsed.client_wants_usage)
             return Response(b"".join(events), headers=headers, media_type="text/event-stream")
-        return Response(render_json(found.entry), headers=headers, media_type="application/json")
+        return Response(render_json(entry), headers=headers, media_type="application/json")
 
     async def _forward(
         self, runtime: Runtime, exchange: Exchange, client_headers: Mapping[str, str]
@@ -218,6 +251,7 @@ class Gateway:
             payload = await self.upstream.read(exchange.replica, response, exchange.outcome)
             if exchange.recorder is not None:
                 exchange.recorder.feed_body(payload)
+            exchange.record.response_body = payload
         finally:
             await exchange.finish()
         return Response(payload, headers=exchange.headers, media_type="application/json")
@@ -244,6 +278,9 @@ class Gateway:
         names = [AUTO, *policy.tiers, *policy.models]
         data = [{"id": n, "object": "model", "created": 0, "owned_by": "triage"} for n in names]
         return JSONResponse({"object": "list", "data": data})
+
+    async def metrics(self, request: Request) -> Response:
+        return await self.telemetry.metrics_endpoint(request)
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -295,6 +332,7 @@ def build_app(policy_path: str | Path) -> Starlette:
         Route("/v1/completions", gateway.completions, methods=["POST"]),
         Route("/v1/embeddings", gateway.embeddings, methods=["POST"]),
         Route("/v1/models", gateway.list_models, methods=["GET"]),
+        Route("/metrics", gateway.metrics, methods=["GET"]),
         Route("/healthz", gateway.healthz, methods=["GET"]),
         Route("/readyz", gateway.readyz, methods=["GET"]),
         Route("/admin/reload", gateway.admin_reload, methods=["POST"]),

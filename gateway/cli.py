@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=1)
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", default=None, help="default: TRIAGE_LOG_LEVEL or info")
     serve.add_argument(
         "--timeout-graceful-shutdown",
         type=int,
@@ -95,7 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     import uvicorn
 
-    from gateway.logs import configure_logging
+    from gateway.telemetry.logs import configure_logging
 
     configure_logging(args.log_level)
     os.environ["TRIAGE_POLICY"] = args.policy  # read by gateway.asgi in each worker process
@@ -104,12 +104,16 @@ def _serve(args: argparse.Namespace) -> int:
         import tempfile
 
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="triage-metrics-")
+    if args.workers > 1:
+        from gateway.telemetry.metrics import reset_multiprocess_dir
+
+        reset_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     uvicorn.run(
         "gateway.asgi:app" if args.workers > 1 else _app(args.policy),
         host=args.host,
         port=args.port,
         workers=args.workers,
-        log_level=args.log_level,
+        log_level=(args.log_level or os.environ.get("TRIAGE_LOG_LEVEL") or "info").lower(),
         access_log=False,
         loop="auto",
         http="auto",

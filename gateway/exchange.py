@@ -2,22 +2,25 @@
 
 Every way a request can end (a JSON body read, a stream relayed to `[DONE]`, an error,
 a client that went away) goes through `Exchange.finish`, once: the replica's in-flight
-count drops, the cache entry is committed only for a complete answer, and the budget
-reservation is settled with what was really generated.
+count drops, the cache entry is committed only for a complete answer, the budget
+reservation is settled with what was really generated, and telemetry gets the record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gateway.api.request import ParsedRequest
 from gateway.auth import Caller
 from gateway.cache.plan import CachePlan
 from gateway.cache.response_cache import Recorder
+from gateway.policy import Price
 from gateway.pools import Pool, Replica
 from gateway.router import Decision
+from gateway.telemetry import RequestRecord, Telemetry
 from gateway.upstream import Outcome
 
 
@@ -27,26 +30,33 @@ def new_request_id() -> str:
 
 @dataclass(eq=False)
 class Exchange:
-    request_id: str
     parsed: ParsedRequest
     caller: Caller
     decision: Decision
+    record: RequestRecord
+    telemetry: Telemetry
+    prices: Mapping[str, Price]
     plan: CachePlan | None = None
     recorder: Recorder | None = None
-    tier: str | None = None
     pool: Pool | None = None
     replica: Replica | None = None
     outcome: Outcome = field(default_factory=Outcome)
     headers: dict[str, str] = field(default_factory=dict)
     _finished: bool = False
 
+    def __post_init__(self) -> None:
+        self.headers["x-triage-request-id"] = self.record.request_id
+        if self.decision.difficulty is not None:
+            self.headers["x-triage-difficulty"] = f"{self.decision.difficulty:.4f}"
+
     def served_by(self, tier: str, pool: Pool, replica: Replica) -> None:
-        self.tier, self.pool, self.replica = tier, pool, replica
+        self.pool, self.replica = pool, replica
         self.headers["x-triage-tier"] = tier
         self.headers["x-triage-model"] = pool.model
+        self.record.served(tier, pool.model, replica.url)
 
     async def finish(self) -> None:
-        """Release, commit and settle; safe to call from every `finally`, runs once."""
+        """Release, commit, settle, record; safe to call from every `finally`, runs once."""
         if self._finished:
             return
         self._finished = True
@@ -56,14 +66,19 @@ class Exchange:
         await asyncio.shield(self._settle())
 
     async def _settle(self) -> None:
-        recorder = self.recorder
-        if recorder is None:
-            return
-        outcome = self.outcome
-        same_model = (
-            self.plan is not None and self.pool is not None and (self.pool.model == self.plan.model)
-        )
-        if outcome.completed and outcome.error is None and same_model:
-            await recorder.commit(usage=outcome.usage)
-        else:
-            await recorder.abandon()
+        outcome, record = self.outcome, self.record
+        if self.recorder is not None:
+            same_model = (
+                self.plan is not None
+                and self.pool is not None
+                and (self.pool.model == self.plan.model)
+            )
+            if outcome.completed and outcome.error is None and same_model:
+                await self.recorder.commit(usage=outcome.usage)
+            else:
+                await self.recorder.abandon()
+        if self.pool is not None:
+            record.add_outcome(outcome)
+            price = self.prices[self.pool.model]
+            record.cost_usd = price.cost(record.prompt_tokens, record.completion_tokens)
+        self.telemetry.finish(record)

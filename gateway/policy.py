@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.telemetry.settings import TelemetrySettings
+
 RESERVED_MODEL_NAMES = frozenset({"auto"})
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -244,6 +246,7 @@ class Policy(_Strict):
     auth: Auth = Auth()
     tenants: dict[str, Tenant] = {}
     budgets: Budgets = Budgets()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     @property
     def default_tier(self) -> str:

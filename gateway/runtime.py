@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gateway.auth import Authenticator
 from gateway.cache.response_cache import ResponseCache
-from gateway.policy import Policy, StoreSettings, resolve_classifier_path
+from gateway.policy import Policy, Price, StoreSettings, resolve_classifier_path
 from gateway.pools import HealthChecker, Pool
 from gateway.router import DifficultyScorer, Router
 from gateway.simulated import SimulatedFleet
@@ -44,6 +44,7 @@ class Runtime:
     health: HealthChecker
     auth: Authenticator
     cache: ResponseCache
+    prices: Mapping[str, Price]
 
     def ready(self) -> dict[str, bool]:
         """Per tier: does at least one of its models have a healthy replica?"""
@@ -70,9 +71,9 @@ async def build_runtime(
     store = stores.get(policy.store)
     await store.ping()  # connects early; on a cluster, loads the slot map
     router = Router(policy, scorer, thresholds)
-    return Runtime(
-        policy, router, pools, health, Authenticator(policy), ResponseCache(store, policy.cache)
-    )
+    prices = {name: spec.price for name, spec in policy.models.items()}
+    cache = ResponseCache(store, policy.cache)
+    return Runtime(policy, router, pools, health, Authenticator(policy), cache, prices)
 
 
 def load_classifier(

@@ -212,7 +212,9 @@ def test_two_gateways_share_one_redis_with_single_flight(
     fresh_redis: RedisServer,
 ) -> None:
     slow = services(start_sim(log_dir, "small", "--ttft-ms", "300", "--itl-ms", "5"))
-    policy = cached_policy((slow, sims[1]), redis_url=fresh_redis.url)
+    # A generous store timeout: on a loaded machine a 50 ms timeout fails open (a miss),
+    # which is right for serving but would hide what this test checks.
+    policy = cached_policy((slow, sims[1]), redis_url=fresh_redis.url, timeout_ms=1000)
     first = services(start_gateway(log_dir, policy))
     second = services(start_gateway(log_dir, policy))
     before = requests_seen(slow)
