@@ -98,8 +98,9 @@ def test_sdk_stream_matches_non_stream(client: openai.OpenAI) -> None:
 
 
 def test_injected_usage_leaves_no_trace(gateway: Service) -> None:
-    with httpx.stream("POST", gateway.url + "/v1/chat/completions",
-                      json=chat(stream=True, max_tokens=4)) as response:
+    with httpx.stream(
+        "POST", gateway.url + "/v1/chat/completions", json=chat(stream=True, max_tokens=4)
+    ) as response:
         lines = [line for line in response.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     assert not any("usage" in line for line in lines)
@@ -274,13 +275,12 @@ def test_backend_errors_map_to_sdk_exceptions(
 def test_body_over_limit_is_sdk_status_error(client: openai.OpenAI) -> None:
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(
-            model="auto", messages=[{"role": "user", "content": "x" * (11 * 1024 * 1024)}])
+            model="auto", messages=[{"role": "user", "content": "x" * (11 * 1024 * 1024)}]
+        )
     assert info.value.status_code == 413
 
 
-def test_connection_reset_is_502(
-    client: openai.OpenAI, sims: dict[str, list[Service]]
-) -> None:
+def test_connection_reset_is_502(client: openai.OpenAI, sims: dict[str, list[Service]]) -> None:
     for sim in sims["large"]:
         set_faults(sim, rate=1.0, kind="reset")
     with pytest.raises(openai.InternalServerError) as info:
@@ -365,6 +365,42 @@ def test_health_endpoints(gateway: Service) -> None:
     assert httpx.get(gateway.url + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(gateway.url + "/readyz")
     assert ready.status_code == 200 and ready.json()["tiers"] == {"cheap": True, "large": True}
+
+
+def test_auto_routes_by_classifier(
+    log_dir: Path, services: Callable[[Service], Service], sims: dict[str, list[Service]]
+) -> None:
+    routing = {
+        "default_tier": "cheap",
+        "classifier": "classifiers/models/default",
+        "thresholds": {"large": 0.25},
+    }
+    policy = policy_for([sims["small"][0].url], [sims["large"][0].url], routing=routing)
+    gw = services(start_gateway(log_dir, policy))
+    easy = httpx.post(
+        gw.url + "/v1/chat/completions",
+        json=chat(max_tokens=2, messages=[{"role": "user", "content": "hi, how are you?"}]),
+    )
+    hard = httpx.post(
+        gw.url + "/v1/chat/completions",
+        json=chat(
+            max_tokens=2,
+            messages=[
+                {
+                    "role": "user",
+                    "content": "Prove that there are infinitely many primes, then "
+                    "implement a segmented sieve in Rust with property tests and explain its complexity.",
+                }
+            ],
+        ),
+    )
+    assert easy.headers["x-triage-tier"] == "cheap"
+    assert hard.headers["x-triage-tier"] == "large"
+    assert (
+        float(easy.headers["x-triage-difficulty"])
+        < 0.25
+        <= float(hard.headers["x-triage-difficulty"])
+    )
 
 
 def _dead_port() -> int:

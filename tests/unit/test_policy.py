@@ -82,12 +82,21 @@ def test_reserved_and_clashing_names() -> None:
 
 def test_classifier_settings_are_checked() -> None:
     raw = demo()
+    del raw["routing"]["classifier"]
     raw["routing"]["strong_fraction"] = 0.3
     raw["routing"]["thresholds"] = {"large": 1.5}
     assert errors_of(raw) == [
         "routing: give `thresholds` or `strong_fraction`, not both",
         "routing.thresholds.large: must be between 0 and 1",
         "routing.classifier: required when `thresholds` or `strong_fraction` is set",
+    ]
+
+
+def test_classifier_needs_a_model_directory() -> None:
+    raw = demo()
+    raw["routing"]["classifier"] = "classifiers/models/missing"
+    assert errors_of(raw) == [
+        "routing.classifier: no model directory at 'classifiers/models/missing'"
     ]
 
 
