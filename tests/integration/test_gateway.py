@@ -388,8 +388,8 @@ def test_auto_routes_by_classifier(
             messages=[
                 {
                     "role": "user",
-                    "content": "Prove that there are infinitely many primes, then "
-                    "implement a segmented sieve in Rust with property tests and explain its complexity.",
+                    "content": "Prove that there are infinitely many primes, then implement "
+                    "a segmented sieve in Rust with property tests and explain its complexity.",
                 }
             ],
         ),
