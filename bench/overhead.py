@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -104,7 +104,9 @@ def prompts(count: int, seed: int = 7) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 300))) for _ in range(count)]
 
 
-def wrk_script(path: Path, model: str, stream: bool, auth: str | None) -> None:
+def wrk_script(
+    path: Path, model: str, stream: bool, auth: str | None, extra: dict[str, object]
+) -> None:
     bodies = [
         json.dumps(
             {
@@ -112,6 +114,7 @@ def wrk_script(path: Path, model: str, stream: bool, auth: str | None) -> None:
                 "messages": [{"role": "user", "content": text}],
                 "max_tokens": 16,
                 "stream": stream,
+                **extra,
             }
         )
         for text in prompts(64)
@@ -142,6 +145,7 @@ class Target:
     process: subprocess.Popen[bytes] | None
     model: str
     auth: str | None = None
+    body_extra: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -236,7 +240,7 @@ def peak_rss_mb(pid: int) -> float:
 
 def run_wrk(target: Target, stream: bool, concurrency: int, duration: float, workdir: Path) -> Row:
     script = workdir / f"{target.name}-{stream}.lua"
-    wrk_script(script, target.model, stream, target.auth)
+    wrk_script(script, target.model, stream, target.auth, target.body_extra)
     threads = 1 if concurrency == 1 else 2
     base = ["wrk", f"-t{threads}", f"-c{concurrency}", "-s", str(script), "--timeout", "10s"]
     root = target.url.removesuffix("/v1")
@@ -264,7 +268,7 @@ def run_wrk(target: Target, stream: bool, concurrency: int, duration: float, wor
     )
 
 
-def triage_policy(stub_url: str, path: Path) -> None:
+def triage_policy(stub_url: str, path: Path, cache: bool = False) -> None:
     classifier = ROOT / "classifiers/models/default"
     routing: dict[str, object] = {"default_tier": "cheap"}
     if classifier.exists():
@@ -277,9 +281,18 @@ def triage_policy(stub_url: str, path: Path) -> None:
         },
         "tiers": {"cheap": {"models": ["bench-small"]}, "large": {"models": ["bench-large"]}},
         "routing": routing,
-        "cache": {"enabled": False},
+        "cache": {"enabled": cache},
     }
     path.write_text(yaml.safe_dump(policy, sort_keys=False))
+
+
+def triage_target(stub_url: str, workdir: Path, name: str, cache: bool) -> Target:
+    policy = workdir / f"{name}.yaml"
+    triage_policy(stub_url, policy, cache)
+    port = free_port()
+    args = ["-m", "gateway.cli", "serve", "--policy", str(policy), "--port", str(port)]
+    gateway = start([PYTHON, *args, "--log-level", "warning"], f"http://127.0.0.1:{port}/healthz")
+    return Target(name, f"http://127.0.0.1:{port}/v1", gateway, "auto")
 
 
 def litellm_target(stub_url: str, workdir: Path) -> Target | None:
@@ -364,7 +377,7 @@ def main() -> int:
     stub_url = f"http://127.0.0.1:{stub_port}/v1"
     targets = [Target("direct", stub_url, stub, MODEL)]
     try:
-        wanted = set(args.only or ["relay", "triage", "litellm"])
+        wanted = set(args.only or ["relay", "triage", "triage-cached", "litellm"])
         if "relay" in wanted:
             port = free_port()
             relay = start(
@@ -373,25 +386,12 @@ def main() -> int:
             )
             targets.append(Target("relay", f"http://127.0.0.1:{port}/v1", relay, MODEL))
         if "triage" in wanted:
-            policy = workdir / "policy.yaml"
-            triage_policy(stub_url, policy)
-            port = free_port()
-            gateway = start(
-                [
-                    PYTHON,
-                    "-m",
-                    "gateway.cli",
-                    "serve",
-                    "--policy",
-                    str(policy),
-                    "--port",
-                    str(port),
-                    "--log-level",
-                    "warning",
-                ],
-                f"http://127.0.0.1:{port}/healthz",
-            )
-            targets.append(Target("triage", f"http://127.0.0.1:{port}/v1", gateway, "auto"))
+            targets.append(triage_target(stub_url, workdir, "triage", cache=False))
+        if "triage-cached" in wanted:
+            # temperature 0 makes every request cacheable: after warm-up, all are hits.
+            cached = triage_target(stub_url, workdir, "triage-cached", cache=True)
+            cached.body_extra = {"temperature": 0}
+            targets.append(cached)
         if "litellm" in wanted and not args.no_litellm:
             litellm = litellm_target(stub_url, workdir)
             if litellm is not None:
