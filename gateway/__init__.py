@@ -1,1 +1,3 @@
 """Triage: an OpenAI-compatible gateway that routes LLM requests across GPU tiers."""
+
+__version__ = "0.1.0"

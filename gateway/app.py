@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.api.errors import error_response
+from gateway.api.openapi import openapi_document
 from gateway.api.request import ParsedRequest, read_request
 from gateway.api.schemas import UPSTREAM_PATHS, RequestKind
 from gateway.api.streaming import EventStreamResponse
@@ -59,6 +60,7 @@ class Gateway:
         self._upstream: Upstream | None = None
         self._reload_lock = asyncio.Lock()
         self._telemetry: Telemetry | None = None
+        self._openapi = openapi_document()
 
     @property
     def telemetry(self) -> Telemetry:
@@ -279,6 +281,9 @@ class Gateway:
         data = [{"id": n, "object": "model", "created": 0, "owned_by": "triage"} for n in names]
         return JSONResponse({"object": "list", "data": data})
 
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(self._openapi)
+
     async def metrics(self, request: Request) -> Response:
         return await self.telemetry.metrics_endpoint(request)
 
@@ -333,6 +338,7 @@ def build_app(policy_path: str | Path) -> Starlette:
         Route("/v1/embeddings", gateway.embeddings, methods=["POST"]),
         Route("/v1/models", gateway.list_models, methods=["GET"]),
         Route("/metrics", gateway.metrics, methods=["GET"]),
+        Route("/openapi.json", gateway.openapi, methods=["GET"]),
         Route("/healthz", gateway.healthz, methods=["GET"]),
         Route("/readyz", gateway.readyz, methods=["GET"]),
         Route("/admin/reload", gateway.admin_reload, methods=["POST"]),
