@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -24,6 +25,8 @@ from gateway.api.request import ParsedRequest, read_request
 from gateway.api.schemas import UPSTREAM_PATHS, RequestKind
 from gateway.api.streaming import EventStreamResponse
 from gateway.auth import ANONYMOUS, Caller, tier_forbidden
+from gateway.budgets.errors import QuotaExceeded
+from gateway.budgets.plan import downgrade_order, tier_price
 from gateway.cache.plan import CACHE_HEADER
 from gateway.cache.replay import render_events, render_json
 from gateway.errors import (
@@ -108,7 +111,7 @@ class Gateway:
             try:
                 policy = load_policy(self.policy_path)
                 runtime = await build_runtime(
-                    policy, self.policy_path.parent, self.fleet, self.stores
+                    policy, self.policy_path.parent, self.fleet, self.stores, self._runtime
                 )
             except PolicyError as exc:
                 logger.error("policy reload rejected, keeping the current policy:\n%s", exc)
@@ -141,6 +144,7 @@ class Gateway:
                 await exchange.finish()
                 return hit
             try:
+                await self._reserve(runtime, exchange)
                 return await self._forward(runtime, exchange, request.headers)
             except BaseException as error:
                 record.fail(error)
@@ -163,8 +167,8 @@ class Gateway:
         with record.trace.span("triage.route"):
             decision = self._route(runtime, parsed, caller, request)
         record.routed(decision)
-        prices = runtime.prices
-        return Exchange(parsed, caller, decision, record, self.telemetry, prices)
+        telemetry, prices, ledger = self.telemetry, runtime.prices, runtime.ledger
+        return Exchange(parsed, caller, decision, record, telemetry, prices, ledger)
 
     def _route(
         self, runtime: Runtime, parsed: ParsedRequest, caller: Caller, request: Request
@@ -214,6 +218,38 @@ class Gateway:
             return Response(b"".join(events), headers=headers, media_type="text/event-stream")
         return Response(render_json(entry), headers=headers, media_type="application/json")
 
+    async def _reserve(self, runtime: Runtime, exchange: Exchange) -> None:
+        """Hold the worst-case cost; where the policy says so, move down a tier to fit."""
+        decision, parsed, policy = exchange.decision, exchange.parsed, runtime.policy
+        refused: QuotaExceeded | None = None
+        with exchange.record.trace.span("triage.budget.reserve"):
+            for tier in downgrade_order(policy, decision.tier):
+                if not exchange.caller.may_use(tier):
+                    continue
+                try:
+                    exchange.reservation = await runtime.ledger.reserve(
+                        request_id=exchange.record.request_id,
+                        caller=exchange.caller,
+                        tier=tier,
+                        price=tier_price(policy, tier),
+                        prompt_tokens=parsed.estimated_prompt_tokens(),
+                        max_tokens=parsed.max_output_tokens(),
+                    )
+                except QuotaExceeded as exc:
+                    if exc.on_exhausted == "reject" or decision.reason == "model":
+                        raise
+                    refused = exc
+                    continue
+                break
+            else:
+                raise refused or tier_forbidden(exchange.caller, decision.tier)
+        assert exchange.reservation is not None
+        exchange.headers.update(exchange.reservation.headers())
+        if tier != decision.tier:
+            exchange.decision = runtime.router.downgraded(decision, tier)
+            exchange.headers["x-triage-downgraded"] = f"{decision.tier}->{tier}"
+            exchange.record.budget_downgraded = True
+
     async def _forward(
         self, runtime: Runtime, exchange: Exchange, client_headers: Mapping[str, str]
     ) -> Response:
@@ -228,7 +264,7 @@ class Gateway:
                 tried.append(replica)
                 replica.in_flight += 1
                 try:
-                    body = parsed.upstream_body(pool.served_name)
+                    body = parsed.upstream_body(pool.served_name, exchange.max_tokens_cap)
                     path = UPSTREAM_PATHS[parsed.kind]
                     response = await self.upstream.post(pool, replica, path, body, headers)
                 except ConnectFailed as error:
@@ -251,12 +287,17 @@ class Gateway:
             return EventStreamResponse(self._relay(exchange, response), exchange.headers)  # type: ignore[return-value]
         try:
             payload = await self.upstream.read(exchange.replica, response, exchange.outcome)
-            if exchange.recorder is not None:
-                exchange.recorder.feed_body(payload)
-            exchange.record.response_body = payload
-        finally:
+        except BaseException:
             await exchange.finish()
-        return Response(payload, headers=exchange.headers, media_type="application/json")
+            raise
+        if exchange.recorder is not None:
+            exchange.recorder.feed_body(payload)
+        exchange.record.response_body = payload
+        # Commit, settle and record after the client has its answer.
+        finish = BackgroundTask(exchange.finish)
+        return Response(
+            payload, headers=exchange.headers, media_type="application/json", background=finish
+        )
 
     async def _relay(
         self, exchange: Exchange, response: aiohttp.ClientResponse
@@ -320,6 +361,10 @@ class Gateway:
             ) from exc
         return JSONResponse({"deleted": deleted})
 
+    async def admin_tenant_usage(self, request: Request) -> Response:
+        self._check_admin(request)
+        return JSONResponse(await self.runtime.ledger.usage(request.path_params["tenant"]))
+
     def _check_admin(self, request: Request) -> None:
         expected = self.runtime.policy.server.admin_key
         if expected is None:
@@ -343,6 +388,7 @@ def build_app(policy_path: str | Path) -> Starlette:
         Route("/readyz", gateway.readyz, methods=["GET"]),
         Route("/admin/reload", gateway.admin_reload, methods=["POST"]),
         Route("/admin/cache", gateway.admin_cache_delete, methods=["DELETE"]),
+        Route("/admin/tenants/{tenant}/usage", gateway.admin_tenant_usage, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,

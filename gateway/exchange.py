@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from gateway.api.request import ParsedRequest
 from gateway.auth import Caller
+from gateway.budgets.ledger import Ledger, Reservation
 from gateway.cache.plan import CachePlan
 from gateway.cache.response_cache import Recorder
 from gateway.policy import Price
@@ -36,6 +37,8 @@ class Exchange:
     record: RequestRecord
     telemetry: Telemetry
     prices: Mapping[str, Price]
+    ledger: Ledger
+    reservation: Reservation | None = None
     plan: CachePlan | None = None
     recorder: Recorder | None = None
     pool: Pool | None = None
@@ -48,6 +51,13 @@ class Exchange:
         self.headers["x-triage-request-id"] = self.record.request_id
         if self.decision.difficulty is not None:
             self.headers["x-triage-difficulty"] = f"{self.decision.difficulty:.4f}"
+
+    @property
+    def max_tokens_cap(self) -> int | None:
+        """The `max_tokens` to send when the client set none but a budget reserved a cap."""
+        if self.reservation is None or not self.reservation.holds:
+            return None
+        return self.ledger.policy.budgets.default_max_tokens
 
     def served_by(self, tier: str, pool: Pool, replica: Replica) -> None:
         self.pool, self.replica = pool, replica
@@ -79,6 +89,25 @@ class Exchange:
                 await self.recorder.abandon()
         if self.pool is not None:
             record.add_outcome(outcome)
+            if outcome.usage is None and outcome.events:
+                # Cut off before the usage chunk: bill what was generated (one token per
+                # event after the role chunk) against the prompt estimate.
+                record.prompt_tokens = self.parsed.estimated_prompt_tokens()
+                record.completion_tokens = max(outcome.events - 1, 0)
             price = self.prices[self.pool.model]
             record.cost_usd = price.cost(record.prompt_tokens, record.completion_tokens)
+        if self.reservation is not None:
+            await self._settle_budget(self.reservation)
         self.telemetry.finish(record)
+
+    async def _settle_budget(self, reservation: Reservation) -> None:
+        record = self.record
+        if self.pool is None or not (record.prompt_tokens or record.completion_tokens):
+            await self.ledger.release(reservation)
+            return
+        await self.ledger.settle(
+            reservation,
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
+            price=self.prices[self.pool.model],
+        )

@@ -414,6 +414,11 @@ def _check_references(policy: Policy, base_dir: Path | None) -> list[str]:
     if routing.strong_fraction is not None and len(tiers) < 2:
         errors.append("routing.strong_fraction: needs at least two tiers")
     errors += _check_tenant_references(policy)
+    if policy.budgets.reservation_ttl_s <= policy.server.upstream_timeout_s:
+        errors.append(
+            "budgets.reservation_ttl_s: must be > server.upstream_timeout_s "
+            f"({policy.server.upstream_timeout_s:g}), or live requests lose their hold"
+        )
     if routing.classifier is not None:
         path = resolve_classifier_path(policy, base_dir)
         if path is None or not path.exists():

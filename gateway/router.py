@@ -121,6 +121,11 @@ class Router:
     def _tier_models(self, tier: str) -> tuple[tuple[str, str], ...]:
         return tuple((tier, model) for model in self.policy.tiers[tier].models)
 
+    def downgraded(self, decision: Decision, tier: str) -> Decision:
+        """The same request sent to a cheaper `tier` because a budget ran out."""
+        moved = self._with_fallback(tier, "budget")
+        return Decision(tier, moved.candidates, f"{decision.reason}+budget", decision.difficulty)
+
     def _with_fallback(self, tier: str, reason: str) -> Decision:
         candidates = self._tier_models(tier)
         for fallback in self.policy.routing.fallback.get(tier, ()):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.auth import Authenticator
+from gateway.budgets.ledger import Ledger
 from gateway.cache.response_cache import ResponseCache
 from gateway.policy import Policy, Price, StoreSettings, resolve_classifier_path
 from gateway.pools import HealthChecker, Pool
@@ -45,6 +46,7 @@ class Runtime:
     auth: Authenticator
     cache: ResponseCache
     prices: Mapping[str, Price]
+    ledger: Ledger
 
     def ready(self) -> dict[str, bool]:
         """Per tier: does at least one of its models have a healthy replica?"""
@@ -55,10 +57,15 @@ class Runtime:
 
     async def close(self) -> None:
         await self.health.stop()
+        await self.ledger.close()
 
 
 async def build_runtime(
-    policy: Policy, base_dir: Path | None, fleet: SimulatedFleet, stores: Stores
+    policy: Policy,
+    base_dir: Path | None,
+    fleet: SimulatedFleet,
+    stores: Stores,
+    previous: Runtime | None = None,
 ) -> Runtime:
     simulated = await fleet.urls_for(policy)
     pools = {
@@ -73,7 +80,10 @@ async def build_runtime(
     router = Router(policy, scorer, thresholds)
     prices = {name: spec.price for name, spec in policy.models.items()}
     cache = ResponseCache(store, policy.cache)
-    return Runtime(policy, router, pools, health, Authenticator(policy), cache, prices)
+    # A reload hands over settlements still queued for a store that was down.
+    ledger = Ledger(store, policy, carry_over=previous.ledger if previous else None)
+    auth = Authenticator(policy)
+    return Runtime(policy, router, pools, health, auth, cache, prices, ledger)
 
 
 def load_classifier(

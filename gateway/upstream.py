@@ -41,6 +41,7 @@ class Outcome:
     usage: Mapping[str, Any] | None = None
     completed: bool = False
     error: TriageError | None = None
+    events: int = 0  # data events relayed: ~one token each, for streams cut off before usage
 
     @property
     def prompt_tokens(self) -> int:
@@ -126,6 +127,7 @@ class Upstream:
                         return
                     if outcome.first_token_at is None:
                         outcome.first_token_at = time.perf_counter()
+                    outcome.events += 1
                     if data is not None and b'"usage"' in data:
                         if b'"usage":null' in data:
                             if strip_usage_chunk:

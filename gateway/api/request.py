@@ -45,10 +45,19 @@ class ParsedRequest:
     def estimated_prompt_tokens(self) -> int:
         return self.prompt_chars() // 4 + 1
 
-    def upstream_body(self, model: str) -> bytes:
-        """The client's body with only `model` rewritten, and usage asked for on streams."""
+    def max_output_tokens(self) -> int | None:
+        if self.kind == "embeddings":
+            return 0
+        value = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
+        return int(value) if value is not None else None
+
+    def upstream_body(self, model: str, max_tokens: int | None = None) -> bytes:
+        """The client's body with `model` rewritten, usage asked for on streams, and a
+        `max_tokens` cap when the budget reserved one the client did not set."""
         body = dict(self.body)
         body["model"] = model
+        if max_tokens is not None and self.max_output_tokens() is None:
+            body["max_tokens"] = max_tokens
         if self.stream and not self.client_wants_usage:
             options = dict(body.get("stream_options") or {})
             options["include_usage"] = True

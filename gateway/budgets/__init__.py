@@ -1,0 +1,1 @@
+"""Spend budgets and rate limits that hold exactly across replicas: reserve, then settle."""
