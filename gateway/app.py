@@ -22,13 +22,14 @@ from starlette.routing import Route
 from gateway.api.errors import error_response
 from gateway.api.openapi import openapi_document
 from gateway.api.request import ParsedRequest, read_request
-from gateway.api.schemas import UPSTREAM_PATHS, RequestKind
+from gateway.api.schemas import RequestKind
 from gateway.api.streaming import EventStreamResponse
 from gateway.auth import ANONYMOUS, Caller, tier_forbidden
 from gateway.budgets.errors import QuotaExceeded
 from gateway.budgets.plan import downgrade_order, tier_price
 from gateway.cache.plan import CACHE_HEADER
 from gateway.cache.replay import render_events, render_json
+from gateway.dispatch import SHED_CODES, Dispatched
 from gateway.errors import (
     AuthenticationFailed,
     InvalidRequest,
@@ -38,13 +39,13 @@ from gateway.errors import (
 )
 from gateway.exchange import Exchange, new_request_id
 from gateway.policy import PolicyError, hash_key, load_policy
-from gateway.pools import Replica
 from gateway.router import AUTO, Decision, RouteInput
 from gateway.runtime import Runtime, Stores, build_runtime
 from gateway.simulated import SimulatedFleet
+from gateway.slo import LatencyTracker
 from gateway.store import StoreUnavailable
 from gateway.telemetry import RequestRecord, Telemetry
-from gateway.upstream import ConnectFailed, Upstream, close_session, new_session
+from gateway.upstream import Upstream, close_session, new_session
 
 logger = logging.getLogger("triage")
 
@@ -58,6 +59,7 @@ class Gateway:
         self.policy_path = policy_path
         self.fleet = SimulatedFleet()
         self.stores = Stores()
+        self.slo = LatencyTracker({})  # SLO attainment and latency per tier, for /metrics
         self._runtime: Runtime | None = None
         self._session: aiohttp.ClientSession | None = None
         self._upstream: Upstream | None = None
@@ -92,7 +94,12 @@ class Gateway:
             self._session, server.upstream_timeout_s, server.upstream_connect_timeout_s
         )
         self._runtime = await build_runtime(
-            policy, self.policy_path.parent, self.fleet, self.stores
+            policy,
+            self.policy_path.parent,
+            self.fleet,
+            self.stores,
+            self.upstream,
+            self.slo,
         )
         self.telemetry.bind(policy, self.runtime.pools)
         _on_sighup(lambda: asyncio.ensure_future(self.reload()))
@@ -111,7 +118,13 @@ class Gateway:
             try:
                 policy = load_policy(self.policy_path)
                 runtime = await build_runtime(
-                    policy, self.policy_path.parent, self.fleet, self.stores, self._runtime
+                    policy,
+                    self.policy_path.parent,
+                    self.fleet,
+                    self.stores,
+                    self.upstream,
+                    self.slo,
+                    self._runtime,
                 )
             except PolicyError as exc:
                 logger.error("policy reload rejected, keeping the current policy:\n%s", exc)
@@ -148,6 +161,7 @@ class Gateway:
                 return await self._forward(runtime, exchange, request.headers)
             except BaseException as error:
                 record.fail(error)
+                record.shed = isinstance(error, TriageError) and error.code in SHED_CODES
                 await exchange.finish()
                 raise
         except TriageError as error:
@@ -253,41 +267,33 @@ class Gateway:
     async def _forward(
         self, runtime: Runtime, exchange: Exchange, client_headers: Mapping[str, str]
     ) -> Response:
-        """Try the decision's candidates in order; one retry on a replica that refused."""
+        """Get an answer from the decision's candidates: SLO admission, retries, hedging."""
         headers = {h: client_headers[h] for h in FORWARDED_HEADERS if h in client_headers}
-        parsed = exchange.parsed
-        last_error: TriageError | None = None
-        for tier, model in exchange.decision.candidates:
-            pool = runtime.pools[model]
-            tried: list[Replica] = []
-            while len(tried) < 2 and (replica := pool.pick(exclude=tried)) is not None:
-                tried.append(replica)
-                replica.in_flight += 1
-                try:
-                    body = parsed.upstream_body(pool.served_name, exchange.max_tokens_cap)
-                    path = UPSTREAM_PATHS[parsed.kind]
-                    response = await self.upstream.post(pool, replica, path, body, headers)
-                except ConnectFailed as error:
-                    replica.in_flight -= 1
-                    replica.mark_down(time.monotonic())
-                    last_error = error
-                    continue
-                except BaseException:
-                    replica.in_flight -= 1
-                    raise
-                exchange.served_by(tier, pool, replica)
-                return await self._respond(exchange, response)
-        raise last_error or UpstreamUnavailable(
-            f"No healthy replica for tier '{exchange.decision.tier}'.", code="no_healthy_replica"
-        )
+        record = exchange.record
+        # SLO deadlines count from the request's arrival (the record's clock is perf_counter).
+        arrived = time.monotonic() - (time.perf_counter() - record.started_at)
+        with record.trace.span("triage.dispatch"):
+            dispatched = await runtime.dispatcher.dispatch(
+                exchange.decision,
+                exchange.parsed,
+                client_headers,
+                headers,
+                tenant_priority=exchange.caller.settings.priority,
+                started=arrived,
+                max_tokens_cap=exchange.max_tokens_cap,
+            )
+        exchange.served_by(dispatched)
+        return await self._respond(exchange, dispatched)
 
-    async def _respond(self, exchange: Exchange, response: aiohttp.ClientResponse) -> Response:
-        assert exchange.replica is not None
+    async def _respond(self, exchange: Exchange, dispatched: Dispatched) -> Response:
         if exchange.parsed.stream:
-            return EventStreamResponse(self._relay(exchange, response), exchange.headers)  # type: ignore[return-value]
+            return EventStreamResponse(self._relay(exchange, dispatched), exchange.headers)  # type: ignore[return-value]
         try:
-            payload = await self.upstream.read(exchange.replica, response, exchange.outcome)
-        except BaseException:
+            read = self.upstream.read(dispatched.replica, dispatched.response, exchange.outcome)
+            payload = await dispatched.within_deadline(read)
+        except BaseException as error:
+            if isinstance(error, TriageError):
+                exchange.outcome.error = error  # the replica failed it: the balancer is told
             await exchange.finish()
             raise
         if exchange.recorder is not None:
@@ -299,14 +305,14 @@ class Gateway:
             payload, headers=exchange.headers, media_type="application/json", background=finish
         )
 
-    async def _relay(
-        self, exchange: Exchange, response: aiohttp.ClientResponse
-    ) -> AsyncIterator[bytes]:
-        assert exchange.replica is not None
+    async def _relay(self, exchange: Exchange, dispatched: Dispatched) -> AsyncIterator[bytes]:
         strip = not exchange.parsed.client_wants_usage
         recorder = exchange.recorder
         try:
-            events = self.upstream.relay(exchange.replica, response, exchange.outcome, strip)
+            replica, response = dispatched.replica, dispatched.response
+            events = self.upstream.relay(
+                replica, response, exchange.outcome, strip, dispatched.events()
+            )
             async for event in events:
                 if recorder is not None:
                     recorder.feed_event(event)

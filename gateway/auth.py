@@ -57,7 +57,6 @@ class Authenticator:
         return caller
 
 
-
 def tier_forbidden(caller: Caller, tier: str) -> PermissionDenied:
     allowed = ", ".join(caller.settings.tiers or ())
     return PermissionDenied(

@@ -18,6 +18,7 @@ from gateway.auth import Caller
 from gateway.budgets.ledger import Ledger, Reservation
 from gateway.cache.plan import CachePlan
 from gateway.cache.response_cache import Recorder
+from gateway.dispatch import Dispatched
 from gateway.policy import Price
 from gateway.pools import Pool, Replica
 from gateway.router import Decision
@@ -43,6 +44,7 @@ class Exchange:
     recorder: Recorder | None = None
     pool: Pool | None = None
     replica: Replica | None = None
+    dispatched: Dispatched | None = None
     outcome: Outcome = field(default_factory=Outcome)
     headers: dict[str, str] = field(default_factory=dict)
     _finished: bool = False
@@ -59,19 +61,26 @@ class Exchange:
             return None
         return self.ledger.policy.budgets.default_max_tokens
 
-    def served_by(self, tier: str, pool: Pool, replica: Replica) -> None:
+    def served_by(self, dispatched: Dispatched) -> None:
+        self.dispatched = dispatched
+        tier, pool, replica = dispatched.tier, dispatched.pool, dispatched.replica
         self.pool, self.replica = pool, replica
         self.headers["x-triage-tier"] = tier
         self.headers["x-triage-model"] = pool.model
+        if dispatched.hedged:
+            self.headers["x-triage-hedged"] = "1"
         self.record.served(tier, pool.model, replica.url)
+        self.record.retries = dispatched.retries
+        self.record.hedges = int(dispatched.hedged)
 
     async def finish(self) -> None:
         """Release, commit, settle, record; safe to call from every `finally`, runs once."""
         if self._finished:
             return
         self._finished = True
-        if self.replica is not None:
-            self.replica.in_flight -= 1
+        if self.dispatched is not None:
+            # Frees the replica, and feeds its latency and outcome back to the balancer.
+            self.dispatched.finish(self.outcome)
         # Shielded: a client disconnect cancels the relay, not the bookkeeping.
         await asyncio.shield(self._settle())
 

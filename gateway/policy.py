@@ -89,11 +89,17 @@ class Slo(_Strict):
     ttft_ms: float = Field(gt=0)
     e2e_ms: float = Field(gt=0)
     percentile: float = Field(95.0, gt=0, le=100)
+    # When neither the tier nor its fallbacks is predicted to meet the SLO, a standard
+    # request waits this long for capacity (0: not at all), then is shed if `shed` is on.
+    max_queue_ms: float = Field(500.0, ge=0)
+    shed: bool = True
 
 
 class Tier(_Strict):
     models: tuple[str, ...] = Field(min_length=1)
     slo: Slo | None = None
+    # False when sending a request twice is not harmless: no hedging, no retry after a 5xx.
+    idempotent: bool = True
 
 
 class RuleCondition(_Strict):
@@ -114,6 +120,21 @@ class Rule(_Strict):
     tier: str
 
 
+class Hedging(_Strict):
+    """A second copy of a request whose first byte is later than the tier's recent p95."""
+
+    enabled: bool = True
+    max_extra: float = Field(0.05, ge=0, le=1)  # hedged requests per request, at most
+    min_delay_ms: float = Field(20.0, ge=0)
+
+
+class Retries(_Strict):
+    """Retries before the first byte, on another replica: connect errors, 5xx, 429."""
+
+    max_attempts: int = Field(3, ge=1, le=10)  # sends per request, the first included
+    budget: float = Field(0.1, ge=0, le=1)  # retries per request, at most
+
+
 class Routing(_Strict):
     default_tier: str | None = None
     classifier: str | None = None
@@ -121,6 +142,26 @@ class Routing(_Strict):
     thresholds: dict[str, float] | None = None
     rules: tuple[Rule, ...] = ()
     fallback: dict[str, tuple[str, ...]] = {}
+    hedging: Hedging = Hedging()
+    retries: Retries = Retries()
+    # Upstream timeouts, as a multiple of the request's TTFT SLO (before the first byte)
+    # and of its e2e SLO (after it).
+    timeout_factor: float = Field(2.0, ge=1)
+
+
+class Breaker(_Strict):
+    """Passive outlier ejection: when a replica is taken out, and how it comes back."""
+
+    failures: int = Field(5, ge=1)  # consecutive failed requests that eject a replica
+    cooldown_s: float = Field(1.0, gt=0)  # the first ejection's; doubles on each one
+    max_cooldown_s: float = Field(30.0, gt=0)
+    slow_start_s: float = Field(10.0, ge=0)  # a recovered replica's traffic ramps up
+
+    @model_validator(mode="after")
+    def _cooldowns(self) -> Breaker:
+        if self.max_cooldown_s < self.cooldown_s:
+            raise ValueError("max_cooldown_s must be >= cooldown_s")
+        return self
 
 
 class Server(_Strict):
@@ -130,6 +171,11 @@ class Server(_Strict):
     upstream_timeout_s: float = Field(600.0, gt=0)
     upstream_connections_per_replica: int = Field(256, ge=1)
     health_check_interval_s: float = Field(5.0, gt=0)
+    # slo: SLO-aware power of two choices with admission, hedging and retries. The others
+    # are the usual baselines, each request sent once, there to be compared against.
+    balancer: Literal["slo", "least_outstanding", "round_robin"] = "slo"
+    metrics_interval_s: float = Field(0.25, gt=0)  # how often replicas' /metrics are read
+    breaker: Breaker = Breaker()
 
     @field_validator("admin_key")
     @classmethod

@@ -13,10 +13,13 @@ from pathlib import Path
 from gateway.auth import Authenticator
 from gateway.budgets.ledger import Ledger
 from gateway.cache.response_cache import ResponseCache
+from gateway.dispatch import Dispatcher, DispatchSettings, Sender, TierRules
 from gateway.policy import Policy, Price, StoreSettings, resolve_classifier_path
-from gateway.pools import HealthChecker, Pool
+from gateway.pools import HealthChecker, Pool, ReplicaSettings
+from gateway.replica_metrics import LoadScraper
 from gateway.router import DifficultyScorer, Router
 from gateway.simulated import SimulatedFleet
+from gateway.slo import LatencyTracker, SloTarget
 from gateway.store import Store, open_store
 
 
@@ -47,6 +50,8 @@ class Runtime:
     cache: ResponseCache
     prices: Mapping[str, Price]
     ledger: Ledger
+    scraper: LoadScraper
+    dispatcher: Dispatcher
 
     def ready(self) -> dict[str, bool]:
         """Per tier: does at least one of its models have a healthy replica?"""
@@ -57,6 +62,7 @@ class Runtime:
 
     async def close(self) -> None:
         await self.health.stop()
+        await self.scraper.stop()
         await self.ledger.close()
 
 
@@ -65,16 +71,33 @@ async def build_runtime(
     base_dir: Path | None,
     fleet: SimulatedFleet,
     stores: Stores,
+    sender: Sender,
+    tracker: LatencyTracker,
     previous: Runtime | None = None,
 ) -> Runtime:
     simulated = await fleet.urls_for(policy)
+    server = policy.server
+    replicas = replica_settings(policy)
     pools = {
-        name: Pool.from_urls(name, spec.replicas or simulated[name], spec.served_name, spec.api_key)
+        name: Pool.from_urls(
+            name,
+            spec.replicas or simulated[name],
+            spec.served_name,
+            spec.api_key,
+            balancer=server.balancer,
+            settings=replicas,
+        )
         for name, spec in policy.models.items()
     }
     scorer, thresholds = load_classifier(policy, base_dir)
     health = HealthChecker(pools.values(), policy.server.health_check_interval_s)
     health.start()
+    scraper = LoadScraper(pools.values(), server.metrics_interval_s)
+    scraper.start()
+    dispatch = dispatch_settings(policy)
+    # One tracker for the gateway's life: SLO counters go on across reloads.
+    tracker.retarget({name: rules.target for name, rules in dispatch.tiers.items()})
+    dispatcher = Dispatcher(pools, sender, dispatch, tracker)
     store = stores.get(policy.store)
     await store.ping()  # connects early; on a cluster, loads the slot map
     router = Router(policy, scorer, thresholds)
@@ -83,7 +106,46 @@ async def build_runtime(
     # A reload hands over settlements still queued for a store that was down.
     ledger = Ledger(store, policy, carry_over=previous.ledger if previous else None)
     auth = Authenticator(policy)
-    return Runtime(policy, router, pools, health, auth, cache, prices, ledger)
+    return Runtime(policy, router, pools, health, auth, cache, prices, ledger, scraper, dispatcher)
+
+
+def replica_settings(policy: Policy) -> ReplicaSettings:
+    server = policy.server
+    breaker = server.breaker
+    return ReplicaSettings(
+        failures_to_open=breaker.failures,
+        initial_cooldown_s=breaker.cooldown_s,
+        max_cooldown_s=breaker.max_cooldown_s,
+        slow_start_s=breaker.slow_start_s,
+        # A few missed scrapes in a row, not one slow one, make a replica "saturated".
+        load_stale_s=max(4 * server.metrics_interval_s, 1.0),
+    )
+
+
+def dispatch_settings(policy: Policy) -> DispatchSettings:
+    routing = policy.routing
+    tiers = {}
+    for name, tier in policy.tiers.items():
+        slo = tier.slo
+        if slo is None:
+            tiers[name] = TierRules(idempotent=tier.idempotent)
+            continue
+        tiers[name] = TierRules(
+            target=SloTarget(slo.ttft_ms / 1000, slo.e2e_ms / 1000, slo.percentile),
+            max_queue_s=slo.max_queue_ms / 1000,
+            shed=slo.shed,
+            idempotent=tier.idempotent,
+        )
+    return DispatchSettings(
+        balancer=policy.server.balancer,
+        tiers=tiers,
+        max_attempts=routing.retries.max_attempts,
+        retry_ratio=routing.retries.budget,
+        hedge=routing.hedging.enabled,
+        hedge_ratio=routing.hedging.max_extra,
+        min_hedge_delay_s=routing.hedging.min_delay_ms / 1000,
+        timeout_factor=routing.timeout_factor,
+    )
 
 
 def load_classifier(

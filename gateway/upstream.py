@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,17 +109,28 @@ class Upstream:
         outcome.completed = True
         return payload
 
+    async def events(
+        self, replica: Replica, response: aiohttp.ClientResponse
+    ) -> AsyncGenerator[bytes, None]:
+        """The response's SSE events as they arrive, aiohttp's errors converted."""
+        with _converted_errors(replica):
+            async for event in iter_events(response.content):
+                yield event
+
     async def relay(
         self,
         replica: Replica,
         response: aiohttp.ClientResponse,
         outcome: Outcome,
         strip_usage_chunk: bool,
+        events: AsyncIterator[bytes] | None = None,
     ) -> AsyncIterator[bytes]:
-        """Yield SSE events as they arrive; end a failed stream with an error event."""
+        """Yield SSE events as they arrive (from `events` when given, which may hold some
+        already read); end a failed stream with an error event."""
+        source = events if events is not None else iter_events(response.content)
         try:
             with _converted_errors(replica):
-                async for event in iter_events(response.content):
+                async for event in source:
                     data = event_data(event)
                     if data == b"[DONE]":
                         outcome.completed = True
