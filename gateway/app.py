@@ -168,6 +168,13 @@ class Gateway:
             record.fail(error)
             self.telemetry.finish(record)
             return error_response(error, {"x-triage-request-id": record.request_id})
+        except Exception:
+            # A bug, not a client error: answer in OpenAI's shape and still account for it.
+            logger.exception("unexpected error in request %s", record.request_id)
+            error = TriageError("The gateway hit an internal error.")
+            record.fail(error)
+            self.telemetry.finish(record)
+            return error_response(error, {"x-triage-request-id": record.request_id})
 
     async def _admit(
         self, runtime: Runtime, request: Request, kind: RequestKind, record: RequestRecord

@@ -20,6 +20,7 @@ class _Open(BaseModel):
 
 class ContentPart(_Open):
     type: str
+    text: str | None = None
 
 
 class ChatMessage(_Open):

@@ -142,7 +142,9 @@ def _segment(text: str) -> str:
 
 def _plain_number(value: Any) -> Any:
     # `"temperature": 0` and `0.0` ask the same thing; bools are not floats, so they stay.
-    return int(value) if isinstance(value, float) and value.is_integer() else value
+    # Only where the int is exact and fits what orjson writes (64 bits).
+    plain = isinstance(value, float) and value.is_integer() and abs(value) < 2**53
+    return int(value) if plain else value
 
 
 def _not_cacheable(

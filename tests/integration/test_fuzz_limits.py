@@ -92,13 +92,6 @@ def test_json_nested_past_the_encoder_limit_is_400(gateway: Service, temperature
     assert_openai_error(post_raw(gateway, raw), 400)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: ParsedRequest.prompt_chars (api/request.py) takes len() of a content part's non- "
-        "string text -> TypeError -> 500"
-    ),
-)
 @pytest.mark.parametrize("text", [5, 1.5, True], ids=["int", "float", "bool"])
 def test_content_part_with_non_string_text_is_400(gateway: Service, text: Any) -> None:
     body = chat_body(messages=[{"role": "user", "content": [{"type": "text", "text": text}]}])
@@ -108,13 +101,6 @@ def test_content_part_with_non_string_text_is_400(gateway: Service, text: Any) -
         assert_openai_error(response, 400)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: cache/plan.py _plain_number turns 1e20 into an int past 64 bits that orjson.dumps "
-        "cannot write -> 500"
-    ),
-)
 @pytest.mark.parametrize("value", [1e20, -1e300, 2.0**64], ids=["1e20", "-1e300", "2^64"])
 def test_cacheable_request_with_a_huge_whole_number_is_answered(
     gateway: Service, value: float
@@ -125,13 +111,6 @@ def test_cacheable_request_with_a_huge_whole_number_is_answered(
     assert response.status_code == 200, response.text[:300]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: app.py _generate finishes the record only for TriageError; any other error before "
-        "_forward leaks triage_requests_in_flight (triggered through the huge-whole-number bug)"
-    ),
-)
 def test_unexpected_error_still_finishes_the_request(gateway: Service) -> None:
     """Whatever fails inside the gateway, the request is finished: its in-flight count
     drops and it is logged. Triggered here by the huge-whole-number bug above."""
