@@ -33,6 +33,14 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def cluster_node_port() -> int:
+    """A free port below 55536: Redis refuses cluster nodes whose port + 10000 overflows."""
+    while True:
+        port = _free_port()
+        if port < 55536:
+            return port
+
+
 @dataclass
 class RedisServer:
     """One redis-server on loopback; can be killed, paused and restarted on the same port."""
@@ -112,7 +120,11 @@ class RedisCluster:
         return f"redis://127.0.0.1:{self.nodes[0].port}/0"
 
     def start(self) -> RedisCluster:
-        self.nodes = [RedisServer(cluster=True).start() for _ in range(3)]
+        self.nodes = []
+        for _ in range(3):
+            node = RedisServer(port=cluster_node_port(), cluster=True)
+            self.nodes.append(node)  # kept before start(): stop() must reach every node
+            node.start()
         ranges = [(0, 5460), (5461, 10922), (10923, 16383)]
         for node, (low, high) in zip(self.nodes, ranges, strict=True):
             node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", low, high)
@@ -145,8 +157,8 @@ def running_redis() -> Iterator[RedisServer]:
 
 
 def running_cluster() -> Iterator[RedisCluster]:
-    cluster = RedisCluster().start()
+    cluster = RedisCluster()
     try:
-        yield cluster
+        yield cluster.start()
     finally:
         cluster.stop()
