@@ -255,6 +255,7 @@ class Gateway:
                         price=tier_price(policy, tier),
                         prompt_tokens=parsed.estimated_prompt_tokens(),
                         max_tokens=parsed.max_output_tokens(),
+                        choices=parsed.choices(),
                     )
                 except QuotaExceeded as exc:
                     if exc.on_exhausted == "reject" or decision.reason == "model":

@@ -51,6 +51,15 @@ class ParsedRequest:
         value = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
         return int(value) if value is not None else None
 
+    def choices(self) -> int:
+        """How many completions the backend generates: each may use `max_output_tokens`."""
+        if self.kind == "embeddings":
+            return 1
+        n = int(self.body.get("n") or 1)
+        if self.kind == "completions":
+            return max(n, int(self.body.get("best_of") or 1))
+        return n
+
     def upstream_body(self, model: str, max_tokens: int | None = None) -> bytes:
         """The client's body with `model` rewritten, usage asked for on streams, and a
         `max_tokens` cap when the budget reserved one the client did not set."""
@@ -73,6 +82,7 @@ async def read_request(request: Request, kind: RequestKind, max_body_bytes: int)
         raise InvalidRequest(f"Request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("Request body must be a JSON object.")
+    _check_writable(raw, body)
     try:
         SCHEMAS[kind].model_validate(body)
     except ValidationError as exc:
@@ -88,6 +98,22 @@ async def read_request(request: Request, kind: RequestKind, max_body_bytes: int)
         stream=stream,
         client_wants_usage=bool(options.get("include_usage")),
     )
+
+
+# orjson reads 1,024 levels of nesting but writes only 254, and the gateway writes the body
+# again (for the backend, for the cache key). A body it could not write is the client's error.
+_ORJSON_WRITE_DEPTH = 254
+
+
+def _check_writable(raw: bytes, body: dict[str, Any]) -> None:
+    if raw.count(b"[") + raw.count(b"{") <= _ORJSON_WRITE_DEPTH:
+        return  # cannot be that deep: the usual case costs two C-speed scans
+    try:
+        orjson.dumps(body)
+    except orjson.JSONEncodeError as exc:
+        raise InvalidRequest(
+            f"Request body is nested deeper than {_ORJSON_WRITE_DEPTH} levels."
+        ) from exc
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -202,14 +202,18 @@ class Ledger:
         price: Price,
         prompt_tokens: int,
         max_tokens: int | None,
+        choices: int = 1,
     ) -> Reservation:
         """Hold the request's worst case on every limit of (tenant, tier), or raise.
+
+        `max_tokens` is per choice; `choices` (`n`, `best_of`) are each generated in full.
 
         Raises `BudgetExceeded` or `RateLimitExceeded` (both `QuotaExceeded`, with
         `on_exhausted`), or `BudgetStoreUnavailable` when the store fails under fail_closed.
         """
         now = self._clock()
-        completion = self.policy.budgets.default_max_tokens if max_tokens is None else max_tokens
+        per_choice = self.policy.budgets.default_max_tokens if max_tokens is None else max_tokens
+        completion = per_choice * choices
         reservation = Reservation(
             request_id,
             caller.tenant,
@@ -413,11 +417,18 @@ class Ledger:
             "retry_after": max(0.0, retry_after),
         }
         wait = duration(retry_after)
+        if check.kind == "u" and check.scope == "global_tier":
+            # Shared by every tenant: how much the others spent is not this caller's to know.
+            return BudgetExceeded(
+                f"Budget exceeded for tier '{check.tier}', shared by all tenants: this request "
+                f"may cost up to ${usd(reservation.usd_nano)}, more than is left of its "
+                f"{check.label}. The window resets in {wait}.",
+                **arguments,
+            )
         if check.kind == "u":
             whose = {
                 "tenant": f"tenant '{reservation.tenant}'",
                 "tenant_tier": f"tenant '{reservation.tenant}' on tier '{check.tier}'",
-                "global_tier": f"tier '{check.tier}' (all tenants)",
             }[check.scope]
             return BudgetExceeded(
                 f"Budget exceeded for {whose}: {check.label} is ${usd(check.limit)}, "

@@ -446,13 +446,6 @@ def _without_times(message: str) -> str:
     return re.sub(r"\d+h\d+m\d+s|\d+m\d+s|\d+s\b", "<time>", message)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: budgets/ledger.py _exceeded puts the all-tenant spend of a global tier budget in "
-        "the 429 message"
-    ),
-)
 def test_refusals_say_nothing_of_other_tenants_spend(gateway: Service) -> None:
     """A request that can never fit the shared large-tier budget is refused the same way
     before and after another tenant spends on that tier."""

@@ -107,3 +107,33 @@ async def test_prompt_chars_counts_text_parts() -> None:
         }
     )
     assert parsed.prompt_chars() == 6
+
+
+@pytest.mark.parametrize("depth", [260, 1000])
+async def test_json_the_gateway_could_not_write_again_is_refused(depth: int) -> None:
+    raw = orjson.dumps({**CHAT, "x": "DEEP"}).replace(b'"DEEP"', b"[" * depth + b"]" * depth)
+    with pytest.raises(InvalidRequest, match="nested deeper"):
+        await parse(raw)
+
+
+async def test_many_shallow_containers_are_fine() -> None:
+    messages = [{"role": "user", "content": [{"type": "text", "text": "x"}]}] * 300
+    parsed = await parse({**CHAT, "messages": messages})
+    assert len(parsed.body["messages"]) == 300
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra", "choices"),
+    [
+        ("chat", {}, 1),
+        ("chat", {"n": 4}, 4),
+        ("completions", {"n": 2, "best_of": 5}, 5),
+        ("completions", {"best_of": 3}, 3),
+    ],
+)
+async def test_choices_counts_every_generated_completion(
+    kind: RequestKind, extra: dict[str, Any], choices: int
+) -> None:
+    base = CHAT if kind == "chat" else {"model": "auto", "prompt": "hi"}
+    parsed = await parse({**base, **extra}, kind)
+    assert parsed.choices() == choices
