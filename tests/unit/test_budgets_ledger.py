@@ -276,7 +276,8 @@ async def test_a_refused_global_tier_budget_undoes_the_tenant_hold() -> None:
     with pytest.raises(BudgetExceeded) as caught:
         await reserve(ledger, "r2")
     assert (caught.value.scope, caught.value.tier) == ("global_tier", "cheap")
-    assert "tier 'cheap' (all tenants)" in caught.value.message
+    assert "tier 'cheap', shared by all tenants" in caught.value.message
+    assert "spent" not in caught.value.message  # the others' spend is not the caller's business
     assert (await row(ledger, "rpm", "minute"))["used"] == 1
     assert (await row(ledger, "tenant"))["reserved_usd"] == WORST / 1e9
     shared = [r for r in (await ledger.usage("acme"))["budgets"] if r["scope"] == "global_tier"]
