@@ -45,7 +45,7 @@ from gateway.simulated import SimulatedFleet
 from gateway.slo import LatencyTracker
 from gateway.store import StoreUnavailable
 from gateway.telemetry import RequestRecord, Telemetry
-from gateway.upstream import Upstream, close_session, new_session
+from gateway.upstream import Upstream, close_session, finish_reasons, new_session
 
 logger = logging.getLogger("triage")
 
@@ -228,6 +228,7 @@ class Gateway:
         if entry is None:
             return None
         exchange.record.served(tier, entry.model, "")
+        exchange.record.finish_reasons = finish_reasons(entry.response)
         if entry.usage is not None and entry.model in runtime.prices:
             saved = runtime.prices[entry.model].cost(
                 entry.usage.prompt_tokens, entry.usage.completion_tokens
@@ -289,6 +290,7 @@ class Gateway:
                 tenant_priority=exchange.caller.settings.priority,
                 started=arrived,
                 max_tokens_cap=exchange.max_tokens_cap,
+                trace=record.trace,
             )
         exchange.served_by(dispatched)
         return await self._respond(exchange, dispatched)

@@ -34,6 +34,7 @@ from gateway.slo import (
     request_priority,
     request_target,
 )
+from gateway.telemetry.tracing import NOOP_TRACE, AttemptKind, RequestTrace, Span
 from gateway.upstream import ConnectFailed, Outcome
 
 __all__ = ["SHED_CODES", "DispatchSettings", "Dispatched", "Dispatcher", "Sender", "TierRules"]
@@ -48,6 +49,10 @@ _RECHECK_S = 0.025
 # Stream events per inter-token latency sample.
 _ITL_SAMPLE_EVENTS = 8
 _COALESCED_S = 0.0005
+# The attribute on each send's span that says how it ended: answered (the winner, to its
+# last byte), failed, client_closed (the winner, cut off by the client), lost (answered
+# after another send had won), cancelled (no answer yet when the request stopped waiting).
+_OUTCOME = "triage.attempt.outcome"
 _EXPLORE_AFTER_S: dict[Priority, float] = {
     "critical": math.inf,
     "standard": 60.0,
@@ -119,6 +124,7 @@ class _Job:
     priority: Priority
     rules: TierRules
     max_tokens_cap: int | None = None  # sent when the client set none (a budget's cap)
+    trace: RequestTrace = NOOP_TRACE  # each send is a span of the request's trace
     hedged: bool = False
     retries: int = 0
     _bodies: dict[str, bytes] = field(default_factory=dict)
@@ -158,6 +164,7 @@ class _Attempt:
     probe: bool
     queued: bool  # the replica was full when this was sent: its TTFT includes a queue
     progress: Progress
+    span: Span  # ended with the send's outcome, in its `_OUTCOME` attribute
 
     @property
     def sent_at(self) -> float:
@@ -288,12 +295,15 @@ class Dispatcher:
         tenant_priority: Priority = "standard",
         started: float | None = None,
         max_tokens_cap: int | None = None,
+        trace: RequestTrace = NOOP_TRACE,
     ) -> Dispatched:
         """Send the request and return the first replica to answer, or raise a TriageError.
 
         `started` is when the request arrived (`time.monotonic()`); its deadlines count
         from then. `max_tokens_cap` is sent as `max_tokens` when the client set none.
-        Bad `x-slo-*` / `x-triage-priority` headers raise `InvalidRequest`.
+        Each send (the first, retries, hedges) is a span of `trace`, and carries that
+        span's `traceparent` to the backend. Bad `x-slo-*` / `x-triage-priority` headers
+        raise `InvalidRequest`.
         """
         now = time.monotonic()
         rules = self.settings.tiers.get(decision.tier, TierRules())
@@ -311,6 +321,7 @@ class Dispatcher:
             priority=request_priority(client_headers, tenant_priority),
             rules=rules,
             max_tokens_cap=max_tokens_cap,
+            trace=trace,
         )
         try:
             if not slo:
@@ -381,7 +392,7 @@ class Dispatcher:
                         assert last_error is not None
                         raise last_error
                     job.retries += 1
-                    self._start(job, *target, race, tried)
+                    self._start(job, *target, race, tried, "retry")
                     hedge_at = self._hedge_at(job, target[0], time.monotonic())
                     continue
                 wake_at = job.deadline.ttft_timeout_at
@@ -399,6 +410,7 @@ class Dispatcher:
                     if error is None:
                         return self._won(job, attempt, task.result(), race, len(tried))
                     if not isinstance(error, TriageError):
+                        attempt.span.end(error)
                         raise error
                     last_error = error
                     if not self._attempt_failed(job, attempt, error):
@@ -427,18 +439,22 @@ class Dispatcher:
         replica: Replica,
         race: dict[asyncio.Task[_Started], _Attempt],
         tried: list[Replica],
+        kind: AttemptKind = "first",
     ) -> None:
         now = time.monotonic()
         queued = replica.queue_full(now)
         progress = Progress(now, pool.expected_events(now, job.max_tokens))
-        attempt = _Attempt(tier, pool, replica, replica.begin(now, progress), queued, progress)
+        span = job.trace.attempt(pool.model, replica.url, kind, len(tried) + 1)
+        probe = replica.begin(now, progress)
+        attempt = _Attempt(tier, pool, replica, probe, queued, progress, span)
         tried.append(replica)
         race[asyncio.ensure_future(self._attempt(job, attempt))] = attempt
 
     async def _attempt(self, job: _Job, attempt: _Attempt) -> _Started:
         path = UPSTREAM_PATHS[job.parsed.kind]
         body = job.body(attempt.pool)
-        response = await self.sender.post(attempt.pool, attempt.replica, path, body, job.headers)
+        headers = attempt.span.inject(job.headers)  # this send's own traceparent
+        response = await self.sender.post(attempt.pool, attempt.replica, path, body, headers)
         if not job.stream:
             return _Started(response, None, None, time.monotonic())
         # For a stream, the first byte that counts is the first event, not the headers:
@@ -461,6 +477,8 @@ class Dispatcher:
         replica = attempt.replica
         replica.end(attempt.probe, attempt.progress)
         self.room.wake(attempt.pool)
+        attempt.span.set(_OUTCOME, "failed")
+        attempt.span.end(error)
         if isinstance(error, ConnectFailed):
             replica.mark_down(now)
             return True  # nothing reached the replica
@@ -530,7 +548,7 @@ class Dispatcher:
             if replica is not None:
                 if not self._hedges.try_spend(now):
                     return False
-                self._start(job, tier, pool, replica, race, tried)
+                self._start(job, tier, pool, replica, race, tried, "hedge")
                 return True
         return False
 
@@ -577,6 +595,8 @@ class Dispatcher:
                 if started.events is not None:
                     await started.events.aclose()
                 started.response.close()
+                attempt.span.set(_OUTCOME, "lost")
+                attempt.span.end()
             elif not task.cancelled() and isinstance(task.exception(), TriageError):
                 error = task.exception()
                 assert isinstance(error, TriageError)
@@ -586,6 +606,8 @@ class Dispatcher:
                 # Given up on with no first byte: it would have taken at least this long.
                 # Remember that, or the balancer keeps choosing a replica that never answers.
                 attempt.replica.observe_wait(now, now - attempt.sent_at, job.stream)
+                attempt.span.set(_OUTCOME, "cancelled")
+                attempt.span.end(None if task.cancelled() else task.exception())
             attempt.replica.end(attempt.probe, attempt.progress)
             self.room.wake(attempt.pool)
         race.clear()
@@ -634,6 +656,8 @@ class Dispatcher:
         replica = attempt.replica
         replica.end(attempt.probe, attempt.progress)
         self.room.wake(attempt.pool)
+        attempt.span.set(_OUTCOME, _answer_outcome(outcome))
+        attempt.span.end(outcome=outcome)
         fell_back = attempt.tier != job.tier
         if outcome.error is not None:
             if not _client_fault(outcome.error):
@@ -698,6 +722,12 @@ def _refusal(job: _Job, now: float, live: list[tuple[str, Pool]]) -> TriageError
         code="over_capacity",
         retry_after=wait,
     )
+
+
+def _answer_outcome(outcome: Outcome) -> str:
+    if outcome.error is not None:
+        return "failed"
+    return "answered" if outcome.completed else "client_closed"
 
 
 def _client_fault(error: TriageError) -> bool:

@@ -106,7 +106,8 @@ class Exchange:
             price = self.prices[self.pool.model]
             record.cost_usd = price.cost(record.prompt_tokens, record.completion_tokens)
         if self.reservation is not None:
-            await self._settle_budget(self.reservation)
+            with record.trace.span("triage.budget.settle"):
+                await self._settle_budget(self.reservation)
         self.telemetry.finish(record)
 
     async def _settle_budget(self, reservation: Reservation) -> None:

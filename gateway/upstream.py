@@ -42,6 +42,7 @@ class Outcome:
     completed: bool = False
     error: TriageError | None = None
     events: int = 0  # data events relayed: ~one token each, for streams cut off before usage
+    finish_reasons: tuple[str, ...] = ()  # each choice's, as the backend reported them
 
     @property
     def prompt_tokens(self) -> int:
@@ -103,9 +104,11 @@ class Upstream:
             response.release()
         outcome.first_token_at = time.perf_counter()
         try:
-            outcome.usage = orjson.loads(payload).get("usage")
+            reply = orjson.loads(payload)
+            outcome.usage = reply.get("usage")
         except (orjson.JSONDecodeError, AttributeError) as exc:
             raise UpstreamError("The backend replica sent a response that is not JSON.") from exc
+        outcome.finish_reasons = finish_reasons(reply)
         outcome.completed = True
         return payload
 
@@ -139,6 +142,13 @@ class Upstream:
                     if outcome.first_token_at is None:
                         outcome.first_token_at = time.perf_counter()
                     outcome.events += 1
+                    # Only the chunk that ends a choice is parsed for it: the others say null.
+                    if (
+                        data is not None
+                        and b'"finish_reason"' in data
+                        and b'"finish_reason":null' not in data
+                    ):
+                        outcome.finish_reasons += finish_reasons(orjson.loads(data))
                     if data is not None and b'"usage"' in data:
                         if b'"usage":null' in data:
                             if strip_usage_chunk:
@@ -179,6 +189,18 @@ async def iter_events(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
             buffer = buffer[end + 2 :]
     if buffer.strip():
         yield buffer.rstrip(b"\n")
+
+
+def finish_reasons(reply: object) -> tuple[str, ...]:
+    """The `finish_reason` of each choice of an OpenAI response or stream chunk that has one."""
+    choices = reply.get("choices") if isinstance(reply, Mapping) else None
+    if not isinstance(choices, list):
+        return ()
+    return tuple(
+        reason
+        for choice in choices
+        if isinstance(choice, dict) and isinstance(reason := choice.get("finish_reason"), str)
+    )
 
 
 def event_data(event: bytes) -> bytes | None:

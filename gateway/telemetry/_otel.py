@@ -73,6 +73,8 @@ class LiveSpan(Span):
         if outcome is not None:
             span.set_attribute("gen_ai.usage.input_tokens", outcome.prompt_tokens)
             span.set_attribute("gen_ai.usage.output_tokens", outcome.completion_tokens)
+            if outcome.finish_reasons:
+                span.set_attribute("gen_ai.response.finish_reasons", outcome.finish_reasons)
             error = error or outcome.error
         if error is not None:
             _mark_failed(span, error)
@@ -100,7 +102,9 @@ class LiveTrace(RequestTrace):
     def span(self, name: str) -> Span:
         return LiveSpan(self._tracing.tracer.start_span(name, context=self._context))
 
-    def attempt(self, model: str, replica_url: str, kind: AttemptKind = "first") -> Span:
+    def attempt(
+        self, model: str, replica_url: str, kind: AttemptKind = "first", number: int = 1
+    ) -> Span:
         address, port = self._tracing.server_of(replica_url)
         attributes: dict[str, AttributeValue] = {
             "gen_ai.operation.name": self._operation,
@@ -109,6 +113,7 @@ class LiveTrace(RequestTrace):
             "server.port": port,
             "triage.replica": replica_url,
             "triage.attempt": kind,
+            "triage.attempt.number": number,
         }
         span = self._tracing.tracer.start_span(
             f"{self._operation} {model}",
@@ -148,7 +153,9 @@ class UnsampledTrace(RequestTrace):
     def trace_id(self) -> str | None:
         return format(self._root.get_span_context().trace_id, "032x")
 
-    def attempt(self, model: str, replica_url: str, kind: AttemptKind = "first") -> Span:
+    def attempt(
+        self, model: str, replica_url: str, kind: AttemptKind = "first", number: int = 1
+    ) -> Span:
         return self._attempt
 
 

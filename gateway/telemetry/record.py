@@ -84,6 +84,7 @@ class RequestRecord:
         self.prompt_tokens = outcome.prompt_tokens
         self.completion_tokens = outcome.completion_tokens
         self.first_token_at = outcome.first_token_at
+        self.finish_reasons = outcome.finish_reasons
         if outcome.error is not None:
             self.fail(outcome.error)
         elif not outcome.completed and self.error_code is None:

@@ -100,8 +100,14 @@ class RequestTrace:
         """A child span for one stage: `triage.auth`, `triage.cache.lookup`, `triage.route`..."""
         return NOOP_SPAN
 
-    def attempt(self, model: str, replica_url: str, kind: AttemptKind = "first") -> Span:
-        """A client span for one upstream attempt; each retry and hedge gets its own."""
+    def attempt(
+        self, model: str, replica_url: str, kind: AttemptKind = "first", number: int = 1
+    ) -> Span:
+        """A client span for one upstream attempt; each retry and hedge gets its own.
+
+        `number` counts the request's sends, from 1. The dispatcher ends the span with
+        `triage.attempt.outcome` set, and the answer's `Outcome` for the one that won.
+        """
         return NOOP_SPAN
 
     def close(self, record: RequestRecord, capture_content: bool) -> None:

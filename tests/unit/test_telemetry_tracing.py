@@ -63,7 +63,7 @@ def serve_one(
     first.inject({})
     first.end(UpstreamUnavailable("refused", code="connect_failed"))
     record.retries += 1
-    retry = record.trace.attempt("llama-8b", "https://pool-1/v1", kind="retry")
+    retry = record.trace.attempt("llama-8b", "https://pool-1/v1", kind="retry", number=2)
     client = {"Traceparent": headers.get("traceparent", ""), "x-request-id": "abc"}
     forwarded = dict(retry.inject(client))
     assert client["x-request-id"] == forwarded.pop("x-request-id")  # other headers pass
@@ -241,11 +241,13 @@ def test_attempt_spans_are_clients_and_record_failures() -> None:
         "server.port": 8000,
         "triage.replica": "http://pool-0:8000/v1",
         "triage.attempt": "first",
+        "triage.attempt.number": 1,
         "error.type": "connect_failed",
     }
     assert first.status.status_code is StatusCode.ERROR
     retry_attributes = dict(retry.attributes or {})
     assert retry_attributes["triage.attempt"] == "retry"
+    assert retry_attributes["triage.attempt.number"] == 2
     assert retry_attributes["server.port"] == 443
     assert retry_attributes["gen_ai.usage.output_tokens"] == 4
     assert retry.status.status_code is StatusCode.UNSET
