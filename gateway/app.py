@@ -297,7 +297,8 @@ class Gateway:
 
     async def _respond(self, exchange: Exchange, dispatched: Dispatched) -> Response:
         if exchange.parsed.stream:
-            return EventStreamResponse(self._relay(exchange, dispatched), exchange.headers)  # type: ignore[return-value]
+            events = self._relay(exchange, dispatched)
+            return EventStreamResponse(events, exchange.headers, on_close=exchange.finish)  # type: ignore[return-value]
         try:
             read = self.upstream.read(dispatched.replica, dispatched.response, exchange.outcome)
             payload = await dispatched.within_deadline(read)

@@ -91,10 +91,10 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if _load_or_report(args.policy) is None:
+    policy = _load_or_report(args.policy)
+    if policy is None:
         return 1
-    import uvicorn
-
+    from gateway.server import ConnectionLimits, serve
     from gateway.telemetry.logs import configure_logging
 
     configure_logging(args.log_level)
@@ -108,17 +108,19 @@ def _serve(args: argparse.Namespace) -> int:
         from gateway.telemetry.metrics import reset_multiprocess_dir
 
         reset_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-    uvicorn.run(
+    listener = policy.server
+    serve(
         "gateway.asgi:app" if args.workers > 1 else _app(args.policy),
         host=args.host,
         port=args.port,
         workers=args.workers,
+        limits=ConnectionLimits(
+            max_header_bytes=listener.max_header_bytes,
+            max_headers=listener.max_headers,
+            client_timeout_s=listener.client_timeout_s,
+        ),
         log_level=(args.log_level or os.environ.get("TRIAGE_LOG_LEVEL") or "info").lower(),
-        access_log=False,
-        loop="auto",
-        http="auto",
-        timeout_graceful_shutdown=args.timeout_graceful_shutdown,
-        env_file=None,
+        grace_s=args.timeout_graceful_shutdown,
     )
     return 0
 

@@ -166,6 +166,10 @@ class Breaker(_Strict):
 
 class Server(_Strict):
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
+    # Listener limits, read when the server starts (a reload does not change them).
+    max_header_bytes: int = Field(32 * 1024, ge=1024)  # request line + headers: else 431
+    max_headers: int = Field(100, ge=8)
+    client_timeout_s: float = Field(30.0, gt=0)  # to send a whole request: else 408, closed
     admin_key: str | None = Field(None, repr=False)
     upstream_connect_timeout_s: float = Field(2.0, gt=0)
     upstream_timeout_s: float = Field(600.0, gt=0)

@@ -4,38 +4,64 @@ Starlette's `StreamingResponse` only notices a disconnect on ASGI 2.4 servers wh
 next write fails, so a stalled backend would keep generating for a client that is gone.
 Here a watcher task waits for `http.disconnect` and cancels the relay at once, which
 closes the upstream connection: the backend sees the disconnect and frees its GPU slot.
+A stream still running at the shutdown deadline ends with an error event and `[DONE]`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from starlette.types import Receive, Scope, Send
 
+from gateway.api.errors import sse_error_event
+from gateway.errors import UpstreamUnavailable
+from gateway.shutdown import SHUTDOWN
+
+_SHUTTING_DOWN = UpstreamUnavailable(
+    "The gateway is shutting down; retry the request.", code="shutting_down"
+)
+
 
 class EventStreamResponse:
-    def __init__(self, events: AsyncIterator[bytes], headers: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        headers: Mapping[str, str],
+        on_close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """`on_close` runs however the response ends, even if `events` never started."""
         self.events = events
+        self.on_close = on_close
         self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
         self.raw_headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
         self.raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        relay = asyncio.ensure_future(self._relay(send))
-        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
-            await asyncio.wait({relay, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            relay = asyncio.ensure_future(self._relay(send))
+            watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+            client_left = False
+            try:
+                with SHUTDOWN.interrupts(relay):
+                    await asyncio.wait({relay, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                client_left = watcher.done()
+            finally:
+                for task in (relay, watcher):
+                    if not task.done():
+                        task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await relay
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            if relay.cancelled() and not client_left:  # interrupted by the shutdown deadline
+                last = sse_error_event(_SHUTTING_DOWN)
+                await send({"type": "http.response.body", "body": last, "more_body": False})
         finally:
-            for task in (relay, watcher):
-                if not task.done():
-                    task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await relay
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            if self.on_close is not None:
+                await self.on_close()
 
     async def _relay(self, send: Send) -> None:
         try:

@@ -146,13 +146,6 @@ def test_sigterm_drains_requests_and_streams_then_settles(
     assert spent(usage) > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: uvicorn re-raises the SIGTERM it handled once shutdown is done "
-        "(Server.capture_signals), so the process dies by the signal: exit status -15"
-    ),
-)
 def test_sigterm_exits_zero(log_dir: Path, slow: Service, redis_server: RedisServer) -> None:
     prefix = f"exit-{uuid.uuid4().hex[:8]}:"
     gateway, _ = start_gateway_with_grace(
@@ -167,13 +160,6 @@ def test_sigterm_exits_zero(log_dir: Path, slow: Service, redis_server: RedisSer
     assert code == 0, f"exit status {code}\n{gateway.output()[-1500:]}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "gap: at the graceful-shutdown deadline uvicorn cancels the stream's task and the "
-        "connection is torn, with no error event"
-    ),
-)
 def test_stream_still_running_at_the_deadline_ends_with_an_error_event(
     log_dir: Path, slow: Service, redis_server: RedisServer
 ) -> None:

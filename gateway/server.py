@@ -1,0 +1,183 @@
+"""How Triage listens: uvicorn (uvloop, httptools) with the limits a gateway needs.
+
+uvicorn's httptools protocol accepts headers of any size and count, and waits as long as
+a client likes for the rest of a request: a few hundred slow clients pin as many sockets
+and coroutines. Its server also re-raises the SIGTERM it handled once it has drained, so a
+clean shutdown exits with -15. This module adds a header limit (431), a deadline to read
+each request (408), the shutdown deadline streams watch, and exit status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import signal
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import orjson
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import Multiprocess
+
+from gateway.shutdown import SHUTDOWN, stream_deadline
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    max_header_bytes: int  # request line and headers together
+    max_headers: int
+    client_timeout_s: float  # to send a whole request, from its first byte (or connecting)
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a header limit and a request read deadline."""
+
+    def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self._head_bytes = 0
+        self._header_count = 0
+        self._head_too_large = False
+        self._reading = False  # between a request's first byte and its last
+        self._head_read = False
+        self._read_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_read_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_read_deadline()
+        super().connection_lost(exc)
+
+    # --- header limit: the parser's callbacks count, a refusal stops the parse ----------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = self._header_count = 0
+        self._reading = True
+        self._head_read = False
+        if self._read_deadline is None:
+            self._arm_read_deadline()
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        limits = self.limits
+        if self._head_bytes > limits.max_header_bytes or self._header_count > limits.max_headers:
+            self._head_too_large = True
+            raise _HeadTooLarge  # the parser stops; uvicorn answers via send_400_response
+
+    def on_headers_complete(self) -> None:
+        self._head_read = True
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._head_too_large:
+            super().send_400_response(msg)
+            return
+        limits = self.limits
+        self._refuse(
+            431,
+            f"Request headers exceed the limit of {limits.max_header_bytes} bytes "
+            f"or {limits.max_headers} headers.",
+            "request_header_fields_too_large",
+        )
+
+    # --- read deadline: from a request's first byte to its last -----------------------
+
+    def on_message_complete(self) -> None:
+        self._reading = False
+        self._disarm_read_deadline()
+        super().on_message_complete()
+
+    def _arm_read_deadline(self) -> None:
+        self._disarm_read_deadline()
+        self._read_deadline = self.loop.call_later(
+            self.limits.client_timeout_s, self._read_deadline_passed
+        )
+
+    def _disarm_read_deadline(self) -> None:
+        if self._read_deadline is not None:
+            self._read_deadline.cancel()
+            self._read_deadline = None
+
+    def _read_deadline_passed(self) -> None:
+        self._read_deadline = None
+        cycle = self.cycle
+        if not self._reading:
+            self.transport.close()  # connected and sent nothing: nothing to answer
+        elif self._head_read and cycle is not None and cycle.response_started:
+            self.transport.close()  # answered before reading it all (a 413): just hang up
+        else:
+            self._refuse(408, "The request was not sent in time.", "request_timeout")
+
+    def _refuse(self, status: int, message: str, code: str) -> None:
+        """Answer in OpenAI's error shape and close: the connection is in an unknown state."""
+        if self.transport.is_closing():
+            return
+        error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+        body = orjson.dumps({"error": error})
+        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, reason, len(body), body)
+        )
+        self.transport.close()
+
+
+class GatewayServer(uvicorn.Server):
+    """Starts the stream shutdown deadline on SIGTERM/SIGINT."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            grace = self.config.timeout_graceful_shutdown
+            if grace is not None:
+                SHUTDOWN.start(asyncio.get_event_loop(), stream_deadline(grace))
+        super().handle_exit(sig, frame)
+
+
+def serve(
+    app: Any,
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    limits: ConnectionLimits,
+    log_level: str,
+    grace_s: int,
+) -> None:
+    """Run `app` (an ASGI app, or an import string when `workers` > 1) until stopped."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        access_log=False,
+        loop="uvloop",
+        http=functools.partial(GuardedHttpToolsProtocol, limits=limits),  # type: ignore[arg-type]
+        timeout_graceful_shutdown=grace_s,
+        env_file=None,
+    )
+    # uvicorn re-raises the signal it handled once it has drained; with this handler in
+    # place the re-raised SIGTERM is a no-op and the process exits 0.
+    signal.signal(signal.SIGTERM, lambda sig, frame: None)
+    if workers > 1:
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
+    GatewayServer(config).run()
