@@ -10,7 +10,7 @@ import orjson
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 
-from gateway.api.schemas import SCHEMAS, RequestKind, describe_location
+from gateway.api.schemas import MAX_MESSAGES, SCHEMAS, RequestKind, describe_location
 from gateway.errors import BodyTooLarge, InvalidRequest
 
 
@@ -83,6 +83,12 @@ async def read_request(request: Request, kind: RequestKind, max_body_bytes: int)
     if not isinstance(body, dict):
         raise InvalidRequest("Request body must be a JSON object.")
     _check_writable(raw, body)
+    messages = body.get("messages")
+    if kind == "chat" and isinstance(messages, list) and len(messages) > MAX_MESSAGES:
+        # Refused before validation, which would otherwise check every one of them first.
+        raise InvalidRequest(
+            f"Invalid value for 'messages': at most {MAX_MESSAGES} messages.", param="messages"
+        )
     try:
         SCHEMAS[kind].model_validate(body)
     except ValidationError as exc:

@@ -137,3 +137,12 @@ async def test_choices_counts_every_generated_completion(
     base = CHAT if kind == "chat" else {"model": "auto", "prompt": "hi"}
     parsed = await parse({**base, **extra}, kind)
     assert parsed.choices() == choices
+
+
+async def test_too_many_messages_is_refused_before_validating_them() -> None:
+    from gateway.api.schemas import MAX_MESSAGES
+
+    junk = [{"not": "a message"}] * (MAX_MESSAGES + 1)
+    with pytest.raises(InvalidRequest, match=f"at most {MAX_MESSAGES}") as caught:
+        await parse({**CHAT, "messages": junk})
+    assert caught.value.param == "messages"
