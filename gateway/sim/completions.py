@@ -39,6 +39,7 @@ class CompletionEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         service = self._service
         started = time.perf_counter()
+        service.note_trace(scope)
         request = await service.accept(receive, send, self._parse)
         if request is None:
             return

@@ -38,6 +38,7 @@ class EmbeddingsEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         service = self._service
+        service.note_trace(scope)
         request = await service.accept(receive, send, parse_embedding_request)
         if request is None:
             return

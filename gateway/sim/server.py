@@ -46,6 +46,7 @@ def build_sim_app(profile: SimProfile, faults: FaultConfig | None = None) -> Sta
         Route("/admin/faults", service.get_faults),
         Route("/admin/faults", service.set_faults, methods=["POST"]),
         Route("/admin/stats", service.stats_endpoint),
+        Route("/admin/traces", service.traces_endpoint),
     ]
     app = _SimApp(routes=routes)
     app.state.sim = service

@@ -6,6 +6,7 @@ import asyncio
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -34,6 +35,10 @@ from gateway.sim.shapes import error_body, models_body
 __all__ = ["SimService", "SimStats"]
 
 _JSON = "application/json"
+# The W3C trace context headers kept from the last inference requests, for tests that
+# check what a gateway forwarded (`GET /admin/traces`).
+_TRACE_HEADERS = (b"traceparent", b"tracestate")
+_KEPT_TRACES = 100
 
 
 class _ModelRequest(Protocol):
@@ -65,6 +70,7 @@ class SimService:
         self.metrics = SimMetrics(self.engine)
         self.stats = SimStats()
         self.last_request: dict[str, object] | None = None
+        self.traces: deque[dict[str, str]] = deque(maxlen=_KEPT_TRACES)
         self.created = int(time.time())
         self._faults = faults or FaultConfig()
         self._fault_rng = _fault_rng(profile.seed)
@@ -92,6 +98,16 @@ class SimService:
                 param="model",
                 code="model_not_found",
             )
+
+    def note_trace(self, scope: Scope) -> None:
+        """Keep an inference request's trace context headers, if it sent any."""
+        headers = {
+            name.decode(): value.decode("latin-1")
+            for name, value in scope["headers"]
+            if name in _TRACE_HEADERS
+        }
+        if headers:
+            self.traces.append(headers)
 
     # -- answering --------------------------------------------------------------------------
 
@@ -206,6 +222,10 @@ class SimService:
             )
             return Response(error_body(message, "invalid_request_error"), 400, media_type=_JSON)
         return Response(self._faults.model_dump_json(), media_type=_JSON)
+
+    async def traces_endpoint(self, request: Request) -> Response:
+        """The trace headers of the last inference requests that sent any, oldest first."""
+        return Response(orjson.dumps(list(self.traces)), media_type=_JSON)
 
     async def stats_endpoint(self, request: Request) -> Response:
         stats = self.stats
