@@ -90,3 +90,14 @@ def test_panels_are_well_formed(dashboard: dict[str, Any]) -> None:
 def test_no_per_request_labels_in_queries(dashboard: dict[str, Any]) -> None:
     for expr in expressions(dashboard):
         assert "request_id" not in expr and "trace_id" not in expr
+
+
+def test_the_deploy_guide_lists_every_metric() -> None:
+    """docs/deploy.md's metrics table: the names a scrape shows, no more and no fewer."""
+    guide = (DASHBOARD.parents[3] / "docs/deploy.md").read_text()
+    listed = set(re.findall(r"^\| `((?:triage|gen_ai)_\w+)` \|", guide, re.MULTILINE))
+    exported = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in Telemetry(environ={}).metrics.registry.collect()
+    }
+    assert listed == exported
