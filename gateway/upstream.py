@@ -115,10 +115,10 @@ class Upstream:
     async def events(
         self, replica: Replica, response: aiohttp.ClientResponse
     ) -> AsyncGenerator[bytes, None]:
-        """The response's SSE events as they arrive, aiohttp's errors converted."""
+        """The response's SSE events in batches as they arrive, aiohttp's errors converted."""
         with _converted_errors(replica):
-            async for event in iter_events(response.content):
-                yield event
+            async for batch in iter_event_batches(response.content):
+                yield batch
 
     async def relay(
         self,
@@ -126,41 +126,28 @@ class Upstream:
         response: aiohttp.ClientResponse,
         outcome: Outcome,
         strip_usage_chunk: bool,
-        events: AsyncIterator[bytes] | None = None,
+        batches: AsyncIterator[bytes] | None = None,
     ) -> AsyncIterator[bytes]:
-        """Yield SSE events as they arrive (from `events` when given, which may hold some
-        already read); end a failed stream with an error event."""
-        source = events if events is not None else iter_events(response.content)
+        """Relay SSE events as they arrive, a batch at a time (see `iter_event_batches`;
+        from `batches` when given, which may hold some already read); end a failed stream
+        with an error event."""
+        source = batches if batches is not None else iter_event_batches(response.content)
         try:
             with _converted_errors(replica):
-                async for event in source:
-                    data = event_data(event)
-                    if data == b"[DONE]":
-                        outcome.completed = True
-                        yield DONE_EVENT
-                        return
+                async for batch in source:
                     if outcome.first_token_at is None:
                         outcome.first_token_at = time.perf_counter()
-                    outcome.events += 1
-                    # Only the chunk that ends a choice is parsed for it: the others say null.
-                    if (
-                        data is not None
-                        and b'"finish_reason"' in data
-                        and b'"finish_reason":null' not in data
-                    ):
-                        outcome.finish_reasons += finish_reasons(orjson.loads(data))
-                    if data is not None and b'"usage"' in data:
-                        if b'"usage":null' in data:
-                            if strip_usage_chunk:
-                                # Usage was our request, not the client's: leave no trace.
-                                event = event.replace(b',"usage":null', b"")
-                        else:
-                            chunk = orjson.loads(data)
-                            if isinstance(chunk, dict) and chunk.get("usage"):
-                                outcome.usage = chunk["usage"]
-                                if strip_usage_chunk and not chunk.get("choices"):
-                                    continue
-                    yield event + b"\n\n"
+                    if _needs_reading(batch):
+                        batch = _read_batch(batch, outcome, strip_usage_chunk)
+                    else:
+                        outcome.events += batch.count(b"\n\n")
+                    if strip_usage_chunk:
+                        # Usage was our request, not the client's: leave no trace of it.
+                        batch = batch.replace(b',"usage":null', b"")
+                    if batch:
+                        yield batch
+                    if outcome.completed:
+                        return
             raise UpstreamError("The backend replica ended the stream before [DONE].")
         except TriageError as error:
             outcome.error = error
@@ -177,18 +164,56 @@ class Upstream:
                 response.close()
 
 
-async def iter_events(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """Split a byte stream into SSE events (without the blank-line terminator)."""
+def _needs_reading(batch: bytes) -> bool:
+    """Whether a batch holds more than plain token chunks: the end, a usage report, or a
+    choice's finish. Most batches don't, and pass through without being split or parsed."""
+    return (
+        b"[DONE]" in batch
+        or batch.count(b'"usage"') != batch.count(b'"usage":null')
+        or batch.count(b'"finish_reason"') != batch.count(b'"finish_reason":null')
+    )
+
+
+def _read_batch(batch: bytes, outcome: Outcome, strip_usage_chunk: bool) -> bytes:
+    """Account for each event of a batch; what is left of it for the client."""
+    kept = []
+    for event in batch.split(b"\n\n")[:-1]:
+        data = event_data(event)
+        if data == b"[DONE]":
+            outcome.completed = True
+            kept.append(DONE_EVENT)
+            break  # nothing after it is relayed
+        outcome.events += 1
+        if data is not None and b'"finish_reason"' in data and b'"finish_reason":null' not in data:
+            outcome.finish_reasons += finish_reasons(orjson.loads(data))
+        if data is not None and b'"usage"' in data and b'"usage":null' not in data:
+            chunk = orjson.loads(data)
+            if isinstance(chunk, dict) and chunk.get("usage"):
+                outcome.usage = chunk["usage"]
+                if strip_usage_chunk and not chunk.get("choices"):
+                    continue
+        kept.append(event + b"\n\n")
+    return b"".join(kept)
+
+
+async def iter_event_batches(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The complete SSE events of a byte stream, as they arrive: each item is all the events
+    one read completed, each ending in a blank line (CRLFs made LFs).
+
+    Events that arrive together leave together, in one write to the client instead of one
+    each; no event ever waits for another.
+    """
     buffer = b""
     async for data in content.iter_any():
         buffer += data
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
-        while (end := buffer.find(b"\n\n")) >= 0:
-            yield buffer[:end]
+        end = buffer.rfind(b"\n\n")
+        if end >= 0:
+            yield buffer[: end + 2]
             buffer = buffer[end + 2 :]
     if buffer.strip():
-        yield buffer.rstrip(b"\n")
+        yield buffer.strip(b"\n") + b"\n\n"
 
 
 def finish_reasons(reply: object) -> tuple[str, ...]:

@@ -25,7 +25,6 @@ from tests.integration.test_fuzz import (
     ERROR_FIELDS,
     SLOW_CLIENT_BOUND_S,
     TIGHT_KEY,
-    in_flight,
     start_fuzz_gateway,
 )
 

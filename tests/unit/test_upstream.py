@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
-from gateway.upstream import event_data, iter_events, status_error
+from gateway.upstream import event_data, iter_event_batches, status_error
 
 
 class FakeContent:
@@ -20,19 +22,24 @@ class FakeContent:
             yield piece
 
 
-async def events(pieces: list[bytes]) -> list[bytes]:
+async def batches(pieces: list[bytes]) -> list[bytes]:
     content = FakeContent(pieces)
-    return [e async for e in iter_events(content)]  # type: ignore[arg-type]
+    return [e async for e in iter_event_batches(content)]  # type: ignore[arg-type]
 
 
-async def test_events_split_across_reads() -> None:
-    got = await events([b'data: {"a"', b": 1}\n", b"\ndata: [DONE]\n\n"])
-    assert got == [b'data: {"a": 1}', b"data: [DONE]"]
+async def test_an_event_split_across_reads_leaves_when_complete() -> None:
+    got = await batches([b'data: {"a"', b": 1}\n", b"\ndata: [DONE]\n\n", b"data: 2\n\n"])
+    assert got == [b'data: {"a": 1}\n\ndata: [DONE]\n\n', b"data: 2\n\n"]
+
+
+async def test_events_read_together_leave_together() -> None:
+    got = await batches([b"data: 1\n\ndata: 2\n\ndata: 3", b"\n\n"])
+    assert got == [b"data: 1\n\ndata: 2\n\n", b"data: 3\n\n"]
 
 
 async def test_crlf_events_and_trailing_partial_event() -> None:
-    got = await events([b"data: 1\r\n\r\ndata: 2\r\n\r\n: keepalive\n\ndata: 3"])
-    assert got == [b"data: 1", b"data: 2", b": keepalive", b"data: 3"]
+    got = await batches([b"data: 1\r\n\r\ndata: 2\r\n\r\n: keepalive\n\ndata: 3"])
+    assert got == [b"data: 1\n\ndata: 2\n\n: keepalive\n\n", b"data: 3\n\n"]
 
 
 def test_event_data() -> None:
@@ -81,3 +88,64 @@ def test_aiohttp_is_the_only_client_on_the_data_path() -> None:
         await session.close()
 
     asyncio.run(make())
+
+
+class WholeResponse:
+    """An aiohttp response stand-in whose whole body arrives in one read."""
+
+    def __init__(self, body: bytes) -> None:
+        self.content = FakeContent([body])
+        self.released = self.closed = False
+
+    def release(self) -> None:
+        self.released = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def chunk(content: str | None, finish: str | None = None, usage: object = None) -> bytes:
+    choices = (
+        []
+        if content is None
+        else [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]
+    )
+    return b"data: " + orjson.dumps({"id": "c", "choices": choices, "usage": usage}) + b"\n\n"
+
+
+@pytest.mark.parametrize("strip", [True, False], ids=["ours", "client's"])
+async def test_relay_accounts_for_every_event_of_a_batch(strip: bool) -> None:
+    from gateway.upstream import Outcome, Upstream
+
+    usage = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    body = (
+        chunk("a")
+        + chunk("b")
+        + chunk("c", "stop")
+        + chunk(None, usage=usage)
+        + b"data: [DONE]\n\n"
+        + chunk("after the end")
+    )
+    response = WholeResponse(body)
+    outcome = Outcome()
+    replica: Any = type("Replica", (), {"url": "http://replica"})()
+    upstream = Upstream(None, 5, 1)  # type: ignore[arg-type]
+    relayed = b"".join([b async for b in upstream.relay(replica, response, outcome, strip)])  # type: ignore[arg-type]
+    assert outcome.completed and response.released and not response.closed
+    assert outcome.usage == usage and outcome.finish_reasons == ("stop",)
+    assert relayed.endswith(b"data: [DONE]\n\n") and b"after the end" not in relayed
+    assert (b'"usage":null' in relayed) is not strip
+    assert (b'"completion_tokens"' in relayed) is not strip
+
+
+async def test_relay_passes_plain_token_batches_through() -> None:
+    from gateway.upstream import Outcome, Upstream
+
+    body = chunk("a") + chunk("b")  # no [DONE]: the stream was cut
+    outcome = Outcome()
+    replica: Any = type("Replica", (), {"url": "http://replica"})()
+    upstream = Upstream(None, 5, 1)  # type: ignore[arg-type]
+    relayed = [b async for b in upstream.relay(replica, WholeResponse(body), outcome, True)]  # type: ignore[arg-type]
+    assert relayed[0] == body.replace(b',"usage":null', b"")
+    assert b'"error"' in relayed[1] and relayed[1].endswith(b"data: [DONE]\n\n")
+    assert outcome.events == 2 and not outcome.completed
