@@ -102,9 +102,6 @@ class Telemetry:
 
     # --- outside the request path ----------------------------------------------------------
 
-    def replica_ejected(self, model: str, replica_url: str) -> None:
-        self.metrics.ejections(model, replica_url).inc()
-
     def budget_remaining(self, tenant: str, tier: str | None, window: str, usd: float) -> None:
         """USD left in one budget window; `tier=None` for the tenant's overall budget."""
         self.metrics.budget(self.metrics.tenant_label(tenant), tier or "all", window).set(usd)

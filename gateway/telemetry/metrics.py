@@ -20,7 +20,7 @@ from typing import Generic, Literal, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -56,6 +56,12 @@ _REPLICA_IN_FLIGHT: _GaugeSpec = (
 _REPLICA_FAILURES: _GaugeSpec = (
     "triage_replica_consecutive_failures",
     "Failures since the replica last passed a check.",
+    ("model", "replica"),
+)
+_REPLICA_EJECTIONS: _GaugeSpec = (
+    "triage_replica_ejections",
+    "Times a replica was taken out of rotation (failed requests, refused connections, "
+    "failed checks).",
     ("model", "replica"),
 )
 
@@ -222,14 +228,6 @@ class Metrics:
                 registry=r,
             )
         )
-        self.ejections = _Labeled(
-            Counter(
-                "triage_replica_ejections",
-                "Times a replica was taken out of rotation (refused connections, failed checks).",
-                ("model", "replica"),
-                registry=r,
-            )
-        )
         self.budget = _Labeled(
             Gauge(
                 "triage_budget_remaining_usd",
@@ -240,17 +238,23 @@ class Metrics:
                 registry=r,
             )
         )
+        # Replica state is the pools' own (`Replica.ejections` counts its ejections): read
+        # at scrape time in one process, copied into the shared files once a second in many.
+        self._ejections_seen: dict[tuple[str, str], int] = {}
         if multiprocess_dir is None:
             r.register(self._policy_collector)
             self._replica_gauges: (
                 tuple[_Labeled[Gauge], _Labeled[Gauge], _Labeled[Gauge]] | None
             ) = None
+            self._replica_ejections: _Labeled[Counter] | None = None
         else:
             self._replica_gauges = (
                 _Labeled(_gauge(_REPLICA_UP, "livemin", r)),
                 _Labeled(_gauge(_REPLICA_IN_FLIGHT, "livesum", r)),
                 _Labeled(_gauge(_REPLICA_FAILURES, "livemax", r)),
             )
+            name, documentation, labels = _REPLICA_EJECTIONS
+            self._replica_ejections = _Labeled(Counter(name, documentation, labels, registry=r))
 
     # --- per request -----------------------------------------------------------------------
 
@@ -335,12 +339,19 @@ class Metrics:
 
     def sample_replicas(self) -> None:
         """Multiprocess mode: copy this worker's view of each replica into the shared files."""
-        assert self._replica_gauges is not None
+        assert self._replica_gauges is not None and self._replica_ejections is not None
         up, in_flight, failures = self._replica_gauges
-        for model, url, is_up, flight, failed in _replica_states(self._bound.pools):
+        seen = self._ejections_seen
+        for model, url, is_up, flight, failed, ejected in _replica_states(self._bound.pools):
             up(model, url).set(is_up)
             in_flight(model, url).set(flight)
             failures(model, url).set(failed)
+            new = ejected - seen.get((model, url), 0)
+            if new < 0:  # a reload built the replica anew: its count started again
+                new = ejected
+            if new:
+                self._replica_ejections(model, url).inc(new)
+            seen[model, url] = ejected
 
     async def _sample_forever(self) -> None:
         while True:
@@ -421,10 +432,12 @@ class _PolicyCollector(Collector):
         yield objective
         if not self._replicas:
             return
-        families = [
+        families: list[GaugeMetricFamily | CounterMetricFamily] = [
             GaugeMetricFamily(name, text, labels=labels)
             for name, text, labels in (_REPLICA_UP, _REPLICA_IN_FLIGHT, _REPLICA_FAILURES)
         ]
+        name, text, labels = _REPLICA_EJECTIONS
+        families.append(CounterMetricFamily(name, text, labels=labels))
         for model, url, *values in _replica_states(bound.pools):
             for family, value in zip(families, values, strict=True):
                 family.add_metric((model, url), value)
@@ -443,12 +456,15 @@ def reset_multiprocess_dir(path: str | Path) -> None:
         stale.unlink()
 
 
-def _replica_states(pools: Mapping[str, Pool]) -> Iterable[tuple[str, str, int, int, int]]:
+def _replica_states(
+    pools: Mapping[str, Pool],
+) -> Iterable[tuple[str, str, int, int, int, int]]:
+    """model, URL, up, in flight, consecutive failures, ejections: of each replica."""
     now = time.monotonic()
     for model, pool in pools.items():
         for replica in pool.replicas:
             up = 1 if replica.available(now) else 0
-            yield model, replica.url, up, replica.in_flight, replica.failures
+            yield model, replica.url, up, replica.in_flight, replica.failures, replica.ejections
 
 
 def _slo_result(record: RequestRecord, slo: SloTarget) -> str | None:

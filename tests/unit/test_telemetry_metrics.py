@@ -223,7 +223,6 @@ async def test_tenant_labels_are_bounded_by_the_policy() -> None:
 async def test_no_unbounded_labels() -> None:
     telemetry = bound_telemetry()
     telemetry.finish(stream_record(telemetry))
-    telemetry.replica_ejected("small", S0)
     telemetry.budget_remaining("team-a", None, "day", 12.5)
     response = await scrape(telemetry)
     assert "req-secret-id" not in response.text
@@ -239,8 +238,7 @@ async def test_replica_gauges_are_read_at_scrape_time() -> None:
     telemetry.bind(loaded, pools)
     s0, s1 = pools["small"].replicas
     s0.in_flight = 3
-    s1.mark_down(now=1e12)
-    telemetry.replica_ejected("small", s1.url)
+    s1.mark_down(now=1e12)  # its breaker opens: one ejection
     found = await samples(telemetry)
     assert value(found, "triage_replica_up", model="small", replica=S0) == 1
     assert value(found, "triage_replica_up", model="small", replica=s1.url) == 0
@@ -321,6 +319,10 @@ async def test_multiprocess_mode_merges_workers(
     pools = pools_of(loaded)
     pools["small"].replicas[0].in_flight = 1
     telemetry.bind(loaded, pools)
+    s1 = pools["small"].replicas[1]
+    s1.mark_down(now=1e12)  # one ejection, copied into the shared files by the sampler
+    telemetry.metrics.sample_replicas()
+    telemetry.metrics.sample_replicas()  # counted once, not once per sample
     record = telemetry.start("chat", {}, "r")
     record.tenant = "team-a"
     telemetry.finish(record)
@@ -332,6 +334,7 @@ async def test_multiprocess_mode_merges_workers(
     assert value(found, "triage_requests_total", **labels, cache="bypass") == 3
     assert value(found, "triage_replica_in_flight", model="small", replica=S0) == 3
     assert value(found, "triage_replica_up", model="small", replica=S0) == 1
+    assert value(found, "triage_replica_ejections_total", model="small", replica=s1.url) == 1
     budget = {"tenant": "team-a", "tier": "all", "window": "day"}
     assert value(found, "triage_budget_remaining_usd", **budget) == 7
     assert value(found, "triage_slo_target_ratio", tier="cheap") == 0.95
