@@ -95,6 +95,11 @@ def main() -> None:
         "2,000 chars": [
             (p * (2000 // max(len(p), 1) + 1))[:2000] for p in rng.choices(prompts, k=args.n)
         ],
+        # Repeating one short prompt up to 2,000 chars gives few distinct words; text made of
+        # different prompts is the harder case (about 350 words, 200 of them distinct).
+        "2,000 chars, distinct text": [
+            " ".join(rng.choices(prompts, k=40))[:2000] for _ in range(args.n)
+        ],
         "chat, 2,000 chars + system + 4 turns": [],
         "20,000 chars": [
             (p * (20000 // max(len(p), 1) + 1))[:20000] for p in rng.choices(prompts, k=200)

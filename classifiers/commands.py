@@ -44,7 +44,7 @@ def _labelled(rows: Sequence[Row], out: TextIO) -> tuple[list[LabelledRequest], 
     for row in rows:
         if row.request is None or row.weak is None or row.strong is None:
             continue
-        kept.append(LabelledRequest(row.request, row.weak, row.strong, row.source))
+        kept.append(LabelledRequest(row.request, row.weak, row.strong, row.source, row.subject))
         subjects.append(row.subject)
     skipped = len(rows) - len(kept)
     if skipped:

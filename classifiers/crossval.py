@@ -77,6 +77,8 @@ def cross_validate(
 ) -> list[SourceResult]:
     """Held-out figures for every source in `rows` (see the module docstring)."""
     all_index = np.arange(len(rows))
+    # Features depend on one row only, so they are extracted once, not once per fold.
+    features = [extract(row.request) for row in rows]
     sources = np.array([row.source for row in rows])
     subject_of = np.array(subjects)
     results: list[SourceResult] = []
@@ -94,8 +96,11 @@ def cross_validate(
                     test = [rows[i] for i in held]
                     if not _has_gain(test):
                         continue
-                    model = fit([rows[i] for i in np.setdiff1d(all_index, held)], config)
-                    scores = raw_scores(model, [extract(r.request) for r in test]).tolist()
+                    train = np.setdiff1d(all_index, held)
+                    model = fit(
+                        [rows[i] for i in train], config, features=[features[i] for i in train]
+                    )
+                    scores = raw_scores(model, [features[i] for i in held]).tolist()
                     per_fold.append(_three(scores, test))
             figures = tuple(
                 _mean(name, [f[i] for f in per_fold])
@@ -108,10 +113,9 @@ def cross_validate(
             for fold in range(10):
                 held_positions = order[fold::10]
                 held = members[held_positions]
-                model = fit([rows[i] for i in np.setdiff1d(all_index, held)], config)
-                out_of_fold[held_positions] = raw_scores(
-                    model, [extract(rows[i].request) for i in held]
-                )
+                train = np.setdiff1d(all_index, held)
+                model = fit([rows[i] for i in train], config, features=[features[i] for i in train])
+                out_of_fold[held_positions] = raw_scores(model, [features[i] for i in held])
             figures = _three(out_of_fold.tolist(), [rows[i] for i in members])
             scheme = "10-fold random, pooled out-of-fold"
         results.append(

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +15,7 @@ __all__ = [
     "TAIL_CHARS",
     "Features",
     "RequestText",
+    "Token",
     "extract",
     "extract_text",
     "text_of_request",
@@ -49,12 +48,17 @@ class RequestText:
     images: int = 0
 
 
+# A token is one word: lower-case ASCII bytes, each digit folded to "#". (Bigrams were tried and
+# dropped: in grouped cross-validation they added nothing and cost half the scoring time.)
+Token = bytes
+
+
 @dataclass(frozen=True, slots=True)
 class Features:
-    """Dense feature vector (aligned with DENSE_NAMES) and the n-gram tokens of one request."""
+    """Dense feature vector (aligned with DENSE_NAMES) and the distinct words."""
 
     dense: tuple[float, ...]
-    tokens: tuple[str, ...]
+    tokens: Set[Token]
 
 
 def _cap(text: str) -> str:
@@ -156,17 +160,39 @@ def text_of_request(request: Mapping[str, Any]) -> RequestText:
     )
 
 
-# Lower-casing and turning every digit into "#" makes numbers "#"-runs (their value never
-# matters, their size a little), so one regex then finds words and numbers alike.
-_DIGIT = re.compile(r"\d")
-_WORD = re.compile(r"[a-z#][a-z#'+]*")
-_NUMBER_RUN = re.compile(r"#+")
-_CAPITAL = re.compile(r"[ \n][A-Z]")
-_NUMBERED_ITEM = re.compile(r"\n\s*\d{1,2}[.)] ")
-_MATH_MARKS = ("=", "^", "+", "*", "/", "<", ">", "√", "π", "∑", "∫", "≤", "≥", "÷", "\\")
-_CODE_MARKS = ("{", "}", ";", "==", "()", "=>", "->", "def ", "return", "import ", "#include")
-_SENTENCE_ENDS = (". ", "? ", "! ", ".\n", "?\n", "!\n")
-_OPTION_MARKS = (("\nA.", "\nB.", "\nC."), ("\nA)", "\nB)", "\nC)"), ("(A)", "(B)", "(C)"))
+def _table(pairs: Mapping[bytes, bytes], default: int | None) -> bytes:
+    """A bytes.translate table: listed bytes map as given, the rest to `default` (None: self)."""
+    table = bytearray(range(256)) if default is None else bytearray([default] * 256)
+    for sources, targets in pairs.items():
+        for byte, target in zip(
+            sources, targets * len(sources) if len(targets) == 1 else targets, strict=False
+        ):
+            table[byte] = target
+    return bytes(table)
+
+
+_UPPER = bytes(range(65, 91))
+_LOWER = bytes(range(97, 123))
+_DIGIT_BYTES = b"0123456789"
+# One translate pass makes words out of the UTF-8 bytes: A-Z -> a-z, digits -> "#" (a number's
+# value never matters, its size a little), "#'+" stay word characters (c++, c#, don't), and
+# everything else, non-ASCII bytes included, becomes a space; bytes.split() then yields the
+# words. Several times faster than a regex over str, and the same words for ASCII text.
+_FOLD = _table({_UPPER: _LOWER, _LOWER: _LOWER, _DIGIT_BYTES: b"#", b"#'+": b"#'+"}, ord(" "))
+# The text's shape, so that one count finds a whole class of marks: upper-case -> "A",
+# digits -> "0", sentence ends "?!" -> ".", bullets "*" -> "-", tabs and returns -> " ".
+_SHAPE = _table({_UPPER: b"A", _DIGIT_BYTES: b"0", b"?!": b".", b"*": b"-", b"\t\r": b" "}, None)
+_MATH_BYTES = b"=^+*/<>\\"
+_MATH_WIDE = tuple(mark.encode() for mark in "√π∑∫≤≥÷\u00d7\u2212")  # times and minus signs
+_CODE_BYTES = b"{};"
+_CODE_WORDS = frozenset(
+    word.encode()
+    for word in (
+        "def", "return", "import", "#include", "const", "elif", "println", "printf", "void",
+        "lambda", "struct", "console", "async", "await", "fn", "impl", "nullptr", "std",
+    )
+)  # fmt: skip
+_OPTION_MARKS = ((b"\nA.", b"\nB.", b"\nC."), (b"\nA)", b"\nB)", b"\nC)"), (b"(A)", b"(B)", b"(C)"))
 
 # Word lists group vocabulary by the kind of task, so a weight learned from a few prompts
 # (say Python questions) carries to unseen ones (say Rust); they are cues, not classifiers.
@@ -428,34 +454,23 @@ _LEXICONS: dict[str, frozenset[str]] = {
     ),
 }
 _LEXICON_NAMES = tuple(_LEXICONS)
+_LEXICON_SETS = tuple(frozenset(word.encode() for word in words) for words in _LEXICONS.values())
 
-
-def _invert(lexicons: Mapping[str, frozenset[str]]) -> dict[str, tuple[int, ...]]:
-    """word -> indices of the lexicons holding it (built once at import, never changed)."""
-    inverted: dict[str, tuple[int, ...]] = {}
-    for index, name in enumerate(lexicons):
-        for word in lexicons[name]:
-            inverted[word] = (*inverted.get(word, ()), index)
-    return inverted
-
-
-_LEXICON_OF = _invert(_LEXICONS)
-
-_PHRASES: dict[str, str] = {
-    "step by": "steps",
-    "how many": "count_question",
-    "how much": "count_question",
-    "how long": "count_question",
-    "act as": "roleplay_phrase",
-    "you are": "roleplay_phrase",
-    "at least": "bound",
-    "at most": "bound",
-    "no more": "bound",
-    "statement 1": "statements",
-    "scenario 1": "statements",
-    "which of": "which_of",
+# Two-word phrases; a feature is 1 when any of its phrases occurs.
+_PHRASES: dict[str, tuple[str, ...]] = {
+    "steps": ("step by",),
+    "count_question": ("how many", "how much", "how long"),
+    "roleplay_phrase": ("act as", "you are"),
+    "bound": ("at least", "at most", "no more"),
+    "statements": ("statement #", "scenario #"),
+    "which_of": ("which of",),
 }
-_PHRASE_NAMES = tuple(dict.fromkeys(_PHRASES.values()))
+_PHRASE_KEYS = tuple(
+    tuple(
+        (*(word.encode() for word in phrase.split()), f" {phrase} ".encode()) for phrase in phrases
+    )
+    for phrases in _PHRASES.values()
+)
 
 DENSE_NAMES: tuple[str, ...] = (
     "log_chars",
@@ -478,7 +493,7 @@ DENSE_NAMES: tuple[str, ...] = (
     "log_quotes",
     "uppercase_not",
     *(f"lex_{name}" for name in _LEXICON_NAMES),
-    *(f"phrase_{name}" for name in _PHRASE_NAMES),
+    *(f"phrase_{name}" for name in _PHRASES),
     "turns",
     "has_system",
     "log_system_chars",
@@ -491,58 +506,87 @@ DENSE_NAMES: tuple[str, ...] = (
 
 
 def tokens_of(text: str) -> list[str]:
-    """Lower-cased words and numbers in order; a number becomes one "#" per digit."""
-    return _WORD.findall(_DIGIT.sub("#", text.lower()))
+    """Lower-cased ASCII words and numbers in order; a number becomes one "#" per digit."""
+    return text.encode("utf-8", "surrogatepass").translate(_FOLD).decode("ascii").split()
 
 
-def _log(value: float) -> float:
-    return math.log1p(value)
+_log = math.log1p
+
+
+def _is_mcq(raw: bytes) -> bool:
+    """Whether the text ends in lettered answer options (A., B., C. or A), B), ... or (A) ...)."""
+    for first, second, third in _OPTION_MARKS:
+        start = raw.rfind(first)
+        if start >= 0 and second in raw[start:] and third in raw[start:]:
+            return True
+    return False
+
+
+def _phrases(tokens: Set[bytes], padded: bytes) -> list[float]:
+    found = []
+    for keys in _PHRASE_KEYS:
+        hit = 0.0
+        for first, second, needle in keys:
+            # Both words are looked up first, so the text is searched only when it may match.
+            if first in tokens and second in tokens and needle in padded:
+                hit = 1.0
+                break
+        found.append(hit)
+    return found
 
 
 def extract_text(parts: RequestText) -> Features:
-    """Dense features and unigram+bigram tokens of already-extracted request parts."""
+    """Dense features and the distinct words of already-extracted request parts.
+
+    Every feature is a count over the whole (capped) text done in C: a few bytes.translate
+    passes and bytes.count calls, no Python loop over characters or words.
+    """
     text = parts.last_user
-    folded = _DIGIT.sub("#", text.lower())
-    words = _WORD.findall(folded)
+    raw = text.encode("utf-8", "surrogatepass")
+    wide = len(raw) - len(text)  # extra bytes of non-ASCII characters
+    folded = raw.translate(_FOLD)
+    words = folded.split()
     n_words = len(words)
-    bigrams = list(map(" ".join, itertools.pairwise(words)))
-    lexicon = [0] * len(_LEXICON_NAMES)
-    for hit in filter(None, map(_LEXICON_OF.get, words)):
-        for index in hit:
-            lexicon[index] += 1
-    phrases = dict.fromkeys(_PHRASE_NAMES, 0)
-    for name in filter(None, map(_PHRASES.get, bigrams)):
-        phrases[name] += 1
+    tokens = frozenset(words)
+    shape = raw.translate(_SHAPE)
+    count = raw.count
+    shape_count = shape.count
     chars = max(len(text), 1)
-    sentences = max(sum(map(text.count, _SENTENCE_ENDS)) + (text[-1:] in ".?!"), 1)
-    numbers = len(_NUMBER_RUN.findall(folded))
-    digits = folded.count("#")
+    sentences = max(shape_count(b". ") + shape_count(b".\n") + (shape[-1:] == b"."), 1)
+    # Padded so that " word " finds the first and last word too; " #" starts a number.
+    padded = b" " + folded + b" "
+    numbers = padded.count(b" #")
+    math_marks = len(raw) - len(raw.translate(None, _MATH_BYTES))
+    code_marks = len(raw) - len(raw.translate(None, _CODE_BYTES)) + count(b"()")
+    list_items = shape_count(b"\n- ") + shape_count(b"\n0. ") + shape_count(b"\n00. ")
+    quotes = count(b'"')
+    if wide:
+        math_marks += sum(map(count, _MATH_WIDE))
+        list_items += count("\n•".encode())
+        quotes += count("“".encode())
     stripped = text.rstrip()
-    options = any(all(mark in text for mark in marks) for marks in _OPTION_MARKS)
-    list_items = sum(map(text.count, ("\n- ", "\n* ", "\n• "))) + len(_NUMBERED_ITEM.findall(text))
-    capitalised = len(_CAPITAL.findall(text))
     dense = (
         _log(parts.last_user_chars or len(text)),
         _log(n_words),
-        _log(text.count("\n")),
+        _log(count(b"\n")),
         _log(sentences),
         min(n_words / sentences, 80.0) / 20.0,
-        (sum(map(len, words)) / n_words if n_words else 0.0) / 5.0,
-        digits / chars * 10.0,
+        ((len(folded) - folded.count(b" ")) / n_words if n_words else 0.0) / 5.0,
+        shape_count(b"0") / chars * 10.0,
         _log(numbers),
         min(numbers / sentences, 10.0),
-        _log(sum(map(text.count, _MATH_MARKS))),
-        _log(sum(map(text.count, _CODE_MARKS))),
-        float("```" in text),
-        _log(text.count("?")),
-        float(options),
+        _log(math_marks),
+        _log(code_marks + len(tokens & _CODE_WORDS)),
+        float(b"```" in raw),
+        _log(count(b"?")),
+        float(_is_mcq(raw)),
         float(stripped.endswith("Answer:") or stripped.endswith("Answer")),
         _log(list_items),
-        capitalised / max(n_words, 1),
-        _log(text.count('"') + text.count("“")),
-        float(" NOT " in text or "EXCEPT" in text or " LEAST " in text),
-        *(_log(count) for count in lexicon),
-        *(_log(count) for count in phrases.values()),
+        (shape_count(b" A") + shape_count(b"\nA")) / max(n_words, 1),
+        _log(quotes),
+        float(b" NOT " in raw or b"EXCEPT" in raw or b" LEAST " in raw),
+        *(_log(len(tokens & words_of)) for words_of in _LEXICON_SETS),
+        *_phrases(tokens, padded),
         _log(parts.turns - 1),
         float(bool(parts.system)),
         _log(len(parts.system)),
@@ -552,7 +596,7 @@ def extract_text(parts: RequestText) -> Features:
         float(parts.json_format),
         float(parts.images > 0),
     )
-    return Features(dense=dense, tokens=(*words, *bigrams))
+    return Features(dense=dense, tokens=tokens)
 
 
 def extract(request: Mapping[str, Any]) -> Features:

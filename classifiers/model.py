@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from classifiers.features import DENSE_NAMES, Features, extract
+from classifiers.features import DENSE_NAMES, Features, Token, extract
 from classifiers.tiers import threshold_for_fraction
 
 __all__ = [
@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 FORMAT = "triage-difficulty"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: word weights only (no bigrams), byte-level words
 MODEL_FILE = "model.json"
 _MCQ = DENSE_NAMES.index("mcq_options")
 
@@ -58,6 +58,8 @@ class DifficultyModel:
     _folded: tuple[tuple[tuple[float, ...], float], tuple[tuple[float, ...], float]] = field(
         init=False, repr=False, compare=False
     )
+    # Word weights keyed as the features produce words (ASCII bytes).
+    _weights: Mapping[Token, float] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(DENSE_NAMES)
@@ -74,15 +76,20 @@ class DifficultyModel:
             offset = -sum(map(operator.mul, weights, self.mean))
             folded.append((weights, offset))
         object.__setattr__(self, "_folded", (folded[0], folded[1]))
+        object.__setattr__(
+            self,
+            "_weights",
+            {name.encode("ascii", "replace"): weight for name, weight in self.tokens.items()},
+        )
 
     def raw(self, features: Features) -> float:
         """The uncalibrated linear score (log-odds scale before calibration)."""
         weights, offset = self._folded[features.dense[_MCQ] > 0.5]
         dense: float = sum(map(operator.mul, weights, features.dense))
-        distinct = set(features.tokens)
+        tokens = features.tokens
         text = 0.0
-        if distinct:
-            text = sum(filter(None, map(self.tokens.get, distinct))) / math.sqrt(len(distinct))
+        if tokens:
+            text = sum(filter(None, map(self._weights.get, tokens))) / math.sqrt(len(tokens))
         return self.intercept + offset + dense + text
 
     def calibrate(self, raw: float) -> float:
@@ -111,12 +118,12 @@ class DifficultyModel:
             z = (features.dense[index] - self.mean[index]) / self.scale[index]
             parts.append((name, z * self.shared[index]))
             parts.append((f"{name} ({block_name})", z * block[index]))
-        distinct = set(features.tokens)
-        norm = math.sqrt(len(distinct)) if distinct else 1.0
-        for token in distinct:
-            weight = self.tokens.get(token)
+        tokens = features.tokens
+        norm = math.sqrt(len(tokens)) if tokens else 1.0
+        for token in tokens:
+            weight = self._weights.get(token)
             if weight:
-                parts.append((f"word '{token}'", weight / norm))
+                parts.append((f"word '{token.decode('ascii')}'", weight / norm))
         parts.sort(key=lambda item: abs(item[1]), reverse=True)
         return [(name, value) for name, value in parts[:top] if value != 0.0]
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from classifiers.features import DENSE_NAMES, Features, extract
+from classifiers.features import DENSE_NAMES, Features, Token, extract
 from classifiers.model import DifficultyModel
 
 __all__ = [
@@ -74,6 +74,7 @@ class LabelledRequest:
     weak: float
     strong: float
     source: str = "unknown"
+    subject: str = ""  # the row's subject or task group; "" means the source as a whole
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,13 +83,18 @@ class TrainConfig:
 
     alpha: float = 300.0  # ridge strength on word weights
     dense_alpha: float = 30000.0  # ridge strength on the residual of the structural prior
-    min_count: int = 3  # a word or bigram must occur in this many training prompts
+    min_count: int = 3  # a word must occur in this many training prompts
+    min_subjects: int = 1  # ... and in this many subjects (a word of one subject names it)
     max_tokens: int = 30000  # keep the largest-magnitude word weights only
     min_source_share: float = 0.1  # small sources are up-weighted to this share of the data
+    reference_per_source: int = 500  # strong_fraction reference: score quantiles per source
+    within_subject: bool = False  # fit the structural residual on within-subject differences
 
     def __post_init__(self) -> None:
         if self.alpha <= 0 or self.dense_alpha <= 0:
             raise ValueError("alpha and dense_alpha must be positive")
+        if self.reference_per_source < 1:
+            raise ValueError("reference_per_source must be >= 1")
         if self.min_count < 1 or self.max_tokens < 0:
             raise ValueError("min_count must be >= 1 and max_tokens >= 0")
 
@@ -132,7 +138,7 @@ def _row_weights(rows: Sequence[LabelledRequest], share: float) -> NDArray[np.fl
 
 
 def _token_matrix(
-    features: Sequence[Features], vocabulary: Mapping[str, int]
+    features: Sequence[Features], vocabulary: Mapping[Token, int]
 ) -> Any:  # scipy.sparse.csr_matrix; scipy ships no type stubs
     from scipy import sparse
 
@@ -140,7 +146,7 @@ def _token_matrix(
     pointers = [0]
     values: list[float] = []
     for item in features:
-        distinct = set(item.tokens)
+        distinct = item.tokens
         columns = sorted({vocabulary[t] for t in distinct if t in vocabulary})
         weight = 1.0 / math.sqrt(len(distinct)) if distinct else 0.0
         indices.extend(columns)
@@ -160,6 +166,16 @@ def _blocks(
     return np.hstack([z, z * mcq, z * ~mcq])
 
 
+def _demean(values: NDArray[np.float64], groups: NDArray[np.str_]) -> NDArray[np.float64]:
+    """`values` minus the mean of each row's group."""
+    _, index = np.unique(groups, return_inverse=True)
+    sums = np.zeros((index.max() + 1, values.shape[1]))
+    np.add.at(sums, index, values)
+    counts = np.bincount(index)[:, None]
+    result: NDArray[np.float64] = values - (sums / counts)[index]
+    return result
+
+
 def raw_scores(model: DifficultyModel, features: Sequence[Features]) -> NDArray[np.float64]:
     """Raw (uncalibrated) scores of many requests."""
     return np.array([model.raw(item) for item in features], dtype=np.float64)
@@ -169,15 +185,19 @@ def fit(
     rows: Sequence[LabelledRequest],
     config: TrainConfig | None = None,
     metadata: Mapping[str, Any] | None = None,
+    features: Sequence[Features] | None = None,
 ) -> DifficultyModel:
-    """Train on labelled requests; the reference scores are the training prompts' scores."""
+    """Train on labelled requests; `features` may hold their already extracted features."""
     from scipy import sparse
     from sklearn.linear_model import LogisticRegression, Ridge
 
     config = config or TrainConfig()
     if len(rows) < 2:
         raise ValueError(f"need at least 2 labelled rows to train, got {len(rows)}")
-    features = [extract(row.request) for row in rows]
+    if features is None:
+        features = [extract(row.request) for row in rows]
+    elif len(features) != len(rows):
+        raise ValueError(f"got {len(features)} feature rows for {len(rows)} labelled rows")
     dense = np.array([item.dense for item in features], dtype=np.float64)
     target, label = _targets(rows)
     if label.min() == label.max():
@@ -191,25 +211,44 @@ def fit(
     prior = _prior_vector()
     offset = blocks @ prior
 
-    counts: Counter[str] = Counter()
-    for item in features:
-        counts.update(set(item.tokens))
-    kept = sorted(t for t, c in counts.items() if c >= config.min_count)
+    counts: Counter[Token] = Counter()
+    subjects_of: dict[Token, set[str]] = {}
+    for row, item in zip(rows, features, strict=True):
+        counts.update(item.tokens)
+        subject = f"{row.source}/{row.subject}"
+        for token in item.tokens:
+            subjects_of.setdefault(token, set()).add(subject)
+    kept = sorted(
+        (
+            t
+            for t, c in counts.items()
+            if c >= config.min_count and len(subjects_of[t]) >= config.min_subjects
+        ),
+    )
     vocabulary = {token: index for index, token in enumerate(kept)}
     # Ridge with one alpha: scaling the dense columns by √(alpha / dense_alpha) gives them the
     # stronger shrinkage towards the prior.
     dense_factor = math.sqrt(config.alpha / config.dense_alpha)
+    residual = target - offset
+    fit_blocks = blocks
+    if config.within_subject:
+        # Fixed effects: structural weights learned from differences between prompts of one
+        # subject cannot encode which training subjects happen to be hard, which is what
+        # failed to transfer to unseen subjects.
+        subject = np.array([f"{row.source}/{row.subject}" for row in rows])
+        fit_blocks = _demean(blocks, subject)
+        residual = _demean(residual[:, None], subject)[:, 0]
     design = sparse.hstack(
-        [sparse.csr_matrix(blocks * dense_factor), _token_matrix(features, vocabulary)]
+        [sparse.csr_matrix(fit_blocks * dense_factor), _token_matrix(features, vocabulary)]
     ).tocsr()
     ridge = Ridge(alpha=config.alpha, solver="sparse_cg", max_iter=2000, tol=1e-5)
-    ridge.fit(design, target - offset, sample_weight=weights)
+    ridge.fit(design, residual, sample_weight=weights)
     coef = np.asarray(ridge.coef_, dtype=np.float64)
     n_blocks = blocks.shape[1]
     dense_weights = prior + coef[:n_blocks] * dense_factor
     token_coef = coef[n_blocks:]
     order = np.argsort(-np.abs(token_coef))[: config.max_tokens]
-    tokens = {kept[i]: float(token_coef[i]) for i in order if token_coef[i] != 0.0}
+    tokens = {kept[i].decode("ascii"): float(token_coef[i]) for i in order if token_coef[i] != 0.0}
 
     n = len(DENSE_NAMES)
     uncalibrated = DifficultyModel(
@@ -227,7 +266,7 @@ def fit(
     platt = LogisticRegression(C=100.0, max_iter=1000)
     platt.fit(raw[:, None], label.astype(int), sample_weight=weights)
     calibration = (float(platt.coef_[0, 0]), float(platt.intercept_[0]))
-    reference = tuple(sorted(round(_sigmoid(raw_i, calibration), 6) for raw_i in raw))
+    reference = _reference(rows, [_sigmoid(r, calibration) for r in raw], config)
     info: dict[str, Any] = {
         "trained_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "rows": len(rows),
@@ -238,8 +277,11 @@ def fit(
             "alpha": config.alpha,
             "dense_alpha": config.dense_alpha,
             "min_count": config.min_count,
+            "min_subjects": config.min_subjects,
             "max_tokens": config.max_tokens,
             "min_source_share": config.min_source_share,
+            "within_subject": config.within_subject,
+            "reference_per_source": config.reference_per_source,
             "judge_scale": JUDGE_SCALE,
             "clear_margin": CLEAR_MARGIN,
         },
@@ -257,6 +299,23 @@ def fit(
         reference=reference,
         metadata=info,
     )
+
+
+def _reference(
+    rows: Sequence[LabelledRequest], scores: Sequence[float], config: TrainConfig
+) -> tuple[float, ...]:
+    """The strong_fraction reference set: the same number of score quantiles from each source.
+
+    Taking every training prompt would make the reference as lopsided as the data (97% exam
+    questions in the shipped set), so a `strong_fraction` would be calibrated for exams and
+    send a different share of chat traffic. Equal quantiles per source weigh each kind of
+    prompt the same, whatever its row count.
+    """
+    sources = np.array([row.source for row in rows])
+    values = np.asarray(scores, dtype=np.float64)
+    points = np.linspace(0.0, 1.0, config.reference_per_source)
+    parts = [np.quantile(values[sources == source], points) for source in np.unique(sources)]
+    return tuple(sorted(round(float(v), 6) for v in np.concatenate(parts)))
 
 
 def _sigmoid(raw: float, calibration: tuple[float, float]) -> float:

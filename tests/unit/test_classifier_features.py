@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import time
 
-from classifiers.features import DENSE_NAMES, HEAD_CHARS, TAIL_CHARS, extract, text_of_request
+from classifiers.features import (
+    DENSE_NAMES,
+    HEAD_CHARS,
+    TAIL_CHARS,
+    extract,
+    text_of_request,
+    tokens_of,
+)
 
 
 def test_chat_parts() -> None:
@@ -61,3 +68,30 @@ def test_structural_features() -> None:
     assert code[DENSE_NAMES.index("code_fence")] == 1.0
     assert code[DENSE_NAMES.index("lex_code")] > 0
     assert len(mcq) == len(DENSE_NAMES)
+
+
+def test_words_are_folded_bytes() -> None:
+    assert tokens_of("Hello, World! Use C++ or C# in 2024 -- don't, café") == [
+        "hello",
+        "world",
+        "use",
+        "c++",
+        "or",
+        "c#",
+        "in",
+        "####",
+        "don't",
+        "caf",
+    ]
+    assert extract({"prompt": "Hello hello HELLO"}).tokens == frozenset({b"hello"})
+
+
+def test_phrases_need_adjacent_words() -> None:
+    index = DENSE_NAMES.index("phrase_count_question")
+    assert extract({"prompt": "How many apples?"}).dense[index] == 1.0
+    assert extract({"prompt": "Many people know how."}).dense[index] == 0.0
+
+
+def test_extraction_is_deterministic() -> None:
+    request = {"prompt": "Solve 3x + 4 = 19.\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:"}
+    assert extract(request) == extract(dict(request))

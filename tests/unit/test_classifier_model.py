@@ -111,3 +111,24 @@ def test_shipped_default_model_loads() -> None:
     model = load_model(default)
     score = model.score({"messages": [{"role": "user", "content": "Write a haiku about rain."}]})
     assert 0.0 <= score <= 1.0
+
+
+def test_reference_weighs_sources_equally() -> None:
+    rows = _synthetic(200, 2)
+    chat = [
+        LabelledRequest({"prompt": f"write a poem about {word}"}, 7.0, 8.0 + i % 3, "chat")
+        for i, word in enumerate(["rain", "cats", "the sea", "autumn", "trains"] * 4)
+    ]
+    config = TrainConfig(alpha=1.0, dense_alpha=100.0, min_count=2, reference_per_source=50)
+    model = fit(rows + chat, config)
+    # 200 exam-like rows and 20 chat rows still give 50 reference scores each.
+    assert len(model.reference) == 100
+    chat_scores = sorted(model.score(row.request) for row in chat)
+    below_chat_median = sum(s < chat_scores[len(chat_scores) // 2] for s in model.reference)
+    assert 25 <= below_chat_median <= 75
+
+
+def test_pooled_fit_still_learns() -> None:
+    config = TrainConfig(alpha=1.0, dense_alpha=100.0, min_count=2, within_subject=False)
+    model = fit(_synthetic(200, 0), config)
+    assert model.score({"prompt": "zorblax quantum"}) > model.score({"prompt": "name a colour"})
