@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.api.disconnect import unless_client_leaves
 from gateway.api.errors import error_response
 from gateway.api.openapi import openapi_document
 from gateway.api.request import ParsedRequest, read_request
@@ -158,7 +159,10 @@ class Gateway:
                 return hit
             try:
                 await self._reserve(runtime, exchange)
-                return await self._forward(runtime, exchange, request.headers)
+                forward = self._forward(runtime, exchange, request.headers)
+                if exchange.parsed.stream:
+                    return await forward  # EventStreamResponse watches for a disconnect
+                return await unless_client_leaves(request.receive, forward)
             except BaseException as error:
                 record.fail(error)
                 record.shed = isinstance(error, TriageError) and error.code in SHED_CODES

@@ -7,6 +7,7 @@
     ├── PermissionDenied             403
     ├── NotFound                     404 (unknown model, tier or route)
     ├── RateLimited                  429 (rate limits, budgets) + Retry-After
+    ├── ClientClosedRequest          499 (the client left; nobody reads the answer)
     └── UpstreamError                502
         ├── UpstreamUnavailable      503 (no healthy replica, connection refused)
         ├── UpstreamTimeout          504
@@ -73,6 +74,14 @@ class RateLimited(TriageError):
     status_code = 429
     error_type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
+
+
+class ClientClosedRequest(TriageError):
+    """The client disconnected before its answer: nginx's 499, for logs and metrics."""
+
+    status_code = 499
+    error_type = "invalid_request_error"
+    default_code = "client_closed"
 
 
 class UpstreamError(TriageError):

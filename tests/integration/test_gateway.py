@@ -208,6 +208,27 @@ def test_client_disconnect_cancels_upstream(
     assert sim_stats(slow)["running"] == 0
 
 
+def test_client_timeout_on_a_plain_request_cancels_upstream(
+    log_dir: Path, services: Callable[[Service], Service]
+) -> None:
+    """A non-streamed answer is sent only at the end: a client that gives up before then
+    (an SDK timeout) must free the GPU slot, not leave it generating for nobody."""
+    slow = services(start_sim(log_dir, "small", "--ttft-ms", "5", "--itl-ms", "50"))
+    gw = services(start_gateway(log_dir, policy_for([slow.url], [slow.url])))
+    before = sim_stats(slow)["requests_cancelled"]
+    with pytest.raises(httpx.ReadTimeout):  # 200 tokens take 10 s
+        httpx.post(gw.url + "/v1/chat/completions", json=chat(max_tokens=200), timeout=0.5)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and sim_stats(slow)["requests_cancelled"] == before:
+        time.sleep(0.05)
+    assert sim_stats(slow)["requests_cancelled"] == before + 1
+    assert sim_stats(slow)["running"] == 0
+    metrics = httpx.get(gw.url + "/metrics", timeout=5).text
+    assert 'status="499"' in metrics
+    in_flight = [m for m in metrics.splitlines() if m.startswith("triage_requests_in_flight")]
+    assert in_flight and float(in_flight[0].split()[-1]) == 0
+
+
 # --- errors ---------------------------------------------------------------------------------
 
 
