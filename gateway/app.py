@@ -27,7 +27,7 @@ from gateway.api.schemas import RequestKind
 from gateway.api.streaming import EventStreamResponse
 from gateway.auth import ANONYMOUS, Caller, tier_forbidden
 from gateway.budgets.errors import QuotaExceeded
-from gateway.budgets.plan import downgrade_order, tier_price
+from gateway.budgets.plan import NANO_PER_USD, downgrade_order, tier_price
 from gateway.cache.plan import CACHE_HEADER
 from gateway.cache.replay import render_events, render_json
 from gateway.dispatch import SHED_CODES, Dispatched
@@ -238,6 +238,7 @@ class Gateway:
                 entry.usage.prompt_tokens, entry.usage.completion_tokens
             )
             exchange.record.saved_usd = saved
+        exchange.overhead_header()
         headers = {**exchange.headers, "x-triage-tier": tier, "x-triage-model": entry.model}
         if parsed.stream:
             events = render_events(entry, parsed.client_wants_usage)
@@ -272,6 +273,12 @@ class Gateway:
                 raise refused or tier_forbidden(exchange.caller, decision.tier)
         assert exchange.reservation is not None
         exchange.headers.update(exchange.reservation.headers())
+        for room in exchange.reservation.headroom:
+            check = room.check
+            if check.kind == "u":
+                tenant = None if check.scope == "global_tier" else exchange.caller.tenant
+                usd = room.remaining / NANO_PER_USD
+                self.telemetry.budget_remaining(tenant, check.tier, check.window, usd)
         if tier != decision.tier:
             exchange.decision = runtime.router.downgraded(decision, tier)
             exchange.headers["x-triage-downgraded"] = f"{decision.tier}->{tier}"
@@ -285,6 +292,7 @@ class Gateway:
         record = exchange.record
         # SLO deadlines count from the request's arrival (the record's clock is perf_counter).
         arrived = time.monotonic() - (time.perf_counter() - record.started_at)
+        waited = time.perf_counter()
         with record.trace.span("triage.dispatch"):
             dispatched = await runtime.dispatcher.dispatch(
                 exchange.decision,
@@ -296,16 +304,20 @@ class Gateway:
                 max_tokens_cap=exchange.max_tokens_cap,
                 trace=record.trace,
             )
+        exchange.upstream_s += time.perf_counter() - waited
         exchange.served_by(dispatched)
         return await self._respond(exchange, dispatched)
 
     async def _respond(self, exchange: Exchange, dispatched: Dispatched) -> Response:
         if exchange.parsed.stream:
+            exchange.overhead_header()
             events = self._relay(exchange, dispatched)
             return EventStreamResponse(events, exchange.headers, on_close=exchange.finish)  # type: ignore[return-value]
         try:
+            waited = time.perf_counter()
             read = self.upstream.read(dispatched.replica, dispatched.response, exchange.outcome)
             payload = await dispatched.within_deadline(read)
+            exchange.upstream_s += time.perf_counter() - waited
         except BaseException as error:
             if isinstance(error, TriageError):
                 exchange.outcome.error = error  # the replica failed it: the balancer is told
@@ -314,6 +326,7 @@ class Gateway:
         if exchange.recorder is not None:
             exchange.recorder.feed_body(payload)
         exchange.record.response_body = payload
+        exchange.overhead_header()
         # Commit, settle and record after the client has its answer.
         finish = BackgroundTask(exchange.finish)
         return Response(

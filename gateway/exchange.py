@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -24,6 +25,8 @@ from gateway.pools import Pool, Replica
 from gateway.router import Decision
 from gateway.telemetry import RequestRecord, Telemetry
 from gateway.upstream import Outcome
+
+OVERHEAD_HEADER = "x-triage-overhead-ms"
 
 
 def new_request_id() -> str:
@@ -47,12 +50,18 @@ class Exchange:
     dispatched: Dispatched | None = None
     outcome: Outcome = field(default_factory=Outcome)
     headers: dict[str, str] = field(default_factory=dict)
+    upstream_s: float = 0.0  # spent waiting on the backend before the response starts
     _finished: bool = False
 
     def __post_init__(self) -> None:
         self.headers["x-triage-request-id"] = self.record.request_id
         if self.decision.difficulty is not None:
             self.headers["x-triage-difficulty"] = f"{self.decision.difficulty:.4f}"
+
+    def overhead_header(self) -> None:
+        """`x-triage-overhead-ms`: the gateway's own time so far, the backend's excluded."""
+        spent = time.perf_counter() - self.record.started_at - self.upstream_s
+        self.headers[OVERHEAD_HEADER] = f"{spent * 1000:.3f}"
 
     @property
     def max_tokens_cap(self) -> int | None:

@@ -102,9 +102,16 @@ class Telemetry:
 
     # --- outside the request path ----------------------------------------------------------
 
-    def budget_remaining(self, tenant: str, tier: str | None, window: str, usd: float) -> None:
-        """USD left in one budget window; `tier=None` for the tenant's overall budget."""
-        self.metrics.budget(self.metrics.tenant_label(tenant), tier or "all", window).set(usd)
+    def budget_remaining(
+        self, tenant: str | None, tier: str | None, window: str, usd: float
+    ) -> None:
+        """USD left in one budget window, holds of requests in flight deducted.
+
+        `tier=None`: the tenant's overall budget; `tenant=None`: a tier's budget shared by
+        all tenants (label `*`).
+        """
+        label = "*" if tenant is None else self.metrics.tenant_label(tenant)
+        self.metrics.budget(label, tier or "all", window).set(usd)
 
     async def metrics_endpoint(self, request: Request) -> Response:
         """`GET /metrics`: Prometheus text, or OpenMetrics if the scraper asks for it."""

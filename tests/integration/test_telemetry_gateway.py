@@ -35,6 +35,7 @@ from tests.integration.conftest import (
 pytestmark = pytest.mark.integration
 FAST = ("--ttft-ms", "2", "--itl-ms", "1", "--jitter", "0")
 KEY, POOR_KEY = "sk-telemetry-team", "sk-telemetry-poor"
+BUDGET_KEY, BUDGET_USD = "sk-telemetry-budget", 5.0
 SECRET = "the secret prompt text"  # must never reach a log line
 SMALL_PRICE = (0.05, 0.1)  # USD per million input, output tokens (conftest's policy)
 
@@ -68,6 +69,7 @@ def telemetry_policy(sims: dict[str, list[Service]], **sections: Any) -> dict[st
             "team-a": {"keys": [hash_key(KEY)]},
             # Any request costs more than this budget: each one is refused with a 429.
             "team-poor": {"keys": [hash_key(POOR_KEY)], "budget": {"usd_per_day": 1e-9}},
+            "team-budget": {"keys": [hash_key(BUDGET_KEY)], "budget": {"usd_per_day": BUDGET_USD}},
         },
         **sections,
     )
@@ -344,6 +346,31 @@ def test_metrics_after_a_scripted_run(gateway: Service, sims: dict[str, list[Ser
         assert value(after, "triage_replica_in_flight", model=SMALL, replica=sim.url) == 0
     per_replica = total(samples, "triage_upstream_requests_total", model=SMALL, status="200")
     assert per_replica == 2  # the miss and the stream went upstream; the hit did not
+
+
+def test_budget_remaining_after_a_request(gateway: Service) -> None:
+    response = ask(gateway, key=BUDGET_KEY, max_tokens=4)
+    assert response.status_code == 200
+    left = float(response.headers["x-triage-budget-remaining-usd"])
+    assert 0 < left < BUDGET_USD
+    series = {"tenant": "team-budget", "tier": "all", "window": "day"}
+    assert value(scrape(gateway), "triage_budget_remaining_usd", **series) == pytest.approx(left)
+
+
+def test_overhead_header_excludes_the_backend(gateway: Service) -> None:
+    """A 64-token answer takes the sim 64 ms or more; the gateway's own share is far less."""
+    for stream_it in (False, True):
+        started = time.perf_counter()
+        response = ask(gateway, model="large", max_tokens=64, ignore_eos=True, stream=stream_it)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        assert response.status_code == 200
+        overhead = float(response.headers["x-triage-overhead-ms"])
+        assert 0 < overhead < elapsed_ms - 50, (overhead, elapsed_ms)
+    prompt = [{"role": "user", "content": f"overhead {new_trace_id()}"}]
+    ask(gateway, messages=prompt, temperature=0)
+    hit = ask(gateway, messages=prompt, temperature=0)
+    assert hit.headers["x-triage-cache"] == "hit"
+    assert float(hit.headers["x-triage-overhead-ms"]) > 0
 
 
 def test_metrics_labels_stay_bounded(gateway: Service) -> None:
