@@ -8,17 +8,14 @@ tracing on) the spans the gateway exported over OTLP/HTTP to a receiver in this 
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -31,6 +28,7 @@ from tests.integration.conftest import (
     start_gateway,
     start_sim,
 )
+from tests.support.otlp import Received, otlp_receiver
 
 pytestmark = pytest.mark.integration
 FAST = ("--ttft-ms", "2", "--itl-ms", "1", "--jitter", "0")
@@ -84,36 +82,11 @@ def gateway(
     return services(start_gateway(log_dir, telemetry_policy(sims), env))
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    spans: list[SpanProto] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["content-length"]))
-        request = ExportTraceServiceRequest.FromString(body)
-        for resource in request.resource_spans:
-            for scope in resource.scope_spans:
-                self.spans.extend(scope.spans)
-        self.send_response(200)
-        self.send_header("content-type", "application/x-protobuf")
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
-def otlp() -> Iterator[tuple[str, list[SpanProto]]]:
-    """An OTLP/HTTP trace receiver: its URL and the spans it has received."""
-    spans: list[SpanProto] = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), type("R", (_Receiver,), {"spans": spans}))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", spans
-    finally:
-        server.shutdown()
-        server.server_close()
+def otlp() -> Iterator[Received]:
+    """An OTLP/HTTP trace receiver: its URL and what it has received."""
+    with otlp_receiver() as received:
+        yield received
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +94,9 @@ def traced_gateway(
     log_dir: Path,
     services: Callable[[Service], Service],
     sims: dict[str, list[Service]],
-    otlp: tuple[str, list[SpanProto]],
+    otlp: Received,
 ) -> Service:
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp[0], "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url, "OTEL_BSP_SCHEDULE_DELAY": "50"}
     return services(start_gateway(log_dir, telemetry_policy(sims), env))
 
 
@@ -241,7 +214,7 @@ def test_tracing_off_forwards_the_clients_traceparent_unchanged(
 def test_tracing_on_continues_the_clients_trace_to_the_backend(
     traced_gateway: Service,
     sims: dict[str, list[Service]],
-    otlp: tuple[str, list[SpanProto]],
+    otlp: Received,
 ) -> None:
     trace_id, client_span = new_trace_id(), "00f067aa0ba902b7"
     response = ask(traced_gateway, headers={"traceparent": traceparent(trace_id, client_span)})
@@ -252,10 +225,9 @@ def test_tracing_on_continues_the_clients_trace_to_the_backend(
     assert forwarded_span != client_span  # the gateway's own span, not the client's
     # The forwarded span is the upstream attempt, a child of the request's span, which is
     # a child of the client's.
-    spans = otlp[1]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        ours = {s.span_id.hex(): s for s in list(spans) if s.trace_id.hex() == trace_id}
+        ours = {s.span_id.hex(): s for s in otlp.spans if s.trace_id.hex() == trace_id}
         if forwarded_span in ours and any(
             s.kind == SpanProto.SPAN_KIND_SERVER for s in ours.values()
         ):

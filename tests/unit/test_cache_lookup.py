@@ -16,6 +16,7 @@ from gateway.cache.response_cache import Lookup, ResponseCache
 from gateway.errors import UpstreamError
 from gateway.policy import CacheSettings, StoreSettings
 from gateway.store import EmbeddedStore, StoreUnavailable
+from tests.support.fakes import REPLICA, FakeResponse
 
 BODY = {"model": "auto", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0}
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
@@ -394,40 +395,14 @@ async def test_invalidate_reports_a_broken_store() -> None:
 # --- wired to the real relay, as `app.py` does ----------------------------------------
 
 
-class FakeResponse:
-    """Stands in for aiohttp's response: its body arrives in the given pieces."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-
-    @property
-    def content(self) -> Any:
-        body = self.body
-
-        class Content:
-            async def iter_any(self) -> Any:
-                for start in range(0, len(body), 7):  # events split across reads
-                    await asyncio.sleep(0)
-                    yield body[start : start + 7]
-
-        return Content()
-
-    def release(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 async def relay_into(recorder: Any, body: bytes, strip_usage_chunk: bool) -> list[bytes]:
     from gateway.upstream import Outcome, Upstream
 
     upstream = Upstream(None, 5, 1)  # type: ignore[arg-type]
     outcome = Outcome()
     relayed = []
-    replica: Any = type("Replica", (), {"url": "http://replica"})()
     response: Any = FakeResponse(body)
-    async for event in upstream.relay(replica, response, outcome, strip_usage_chunk):
+    async for event in upstream.relay(REPLICA, response, outcome, strip_usage_chunk):
         recorder.feed_event(event)
         relayed.append(event)
     if outcome.completed and outcome.error is None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -11,37 +9,7 @@ import pytest
 
 from gateway.telemetry import RequestRecord
 from gateway.upstream import Outcome, Upstream, finish_reasons
-
-
-class FakeResponse:
-    """Stands in for aiohttp's ClientResponse: a body, read whole or in 7-byte pieces."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-
-    @property
-    def content(self) -> Any:
-        body = self.body
-
-        class Content:
-            async def iter_any(self) -> AsyncIterator[bytes]:
-                for start in range(0, len(body), 7):
-                    await asyncio.sleep(0)
-                    yield body[start : start + 7]
-
-        return Content()
-
-    async def read(self) -> bytes:
-        return self.body
-
-    def release(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-REPLICA: Any = type("Replica", (), {"url": "http://replica"})()
+from tests.support.fakes import REPLICA, FakeResponse
 
 
 def chunk(**fields: Any) -> bytes:

@@ -1,9 +1,5 @@
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
@@ -21,6 +17,7 @@ from gateway.telemetry.tracing import (
     trace_id_from_traceparent,
 )
 from gateway.upstream import Outcome
+from tests.support.otlp import otlp_receiver
 
 CLIENT_TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN_ID = "b7ad6b7169203331"
@@ -315,44 +312,14 @@ def test_service_name() -> None:
 # --- OTLP export -------------------------------------------------------------------------
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    received: list[tuple[str, bytes]] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["content-length"]))
-        self.received.append((self.path, body))
-        self.send_response(200)
-        self.send_header("content-type", "application/x-protobuf")
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def otlp_receiver() -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-    received: list[tuple[str, bytes]] = []
-    handler = type("Receiver", (_Receiver,), {"received": received})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", received
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-async def test_spans_are_exported_over_otlp_http(
-    otlp_receiver: tuple[str, list[tuple[str, bytes]]],
-) -> None:
-    url, received = otlp_receiver
-    settings = TelemetrySettings(otlp_endpoint=url, service_name="triage-test")
-    telemetry = Telemetry(settings, environ={})
-    assert telemetry.tracing_enabled
-    serve_one(telemetry, {"traceparent": TRACEPARENT})
-    await telemetry.close()  # flushes the batch
+async def test_spans_are_exported_over_otlp_http() -> None:
+    with otlp_receiver() as otlp:
+        settings = TelemetrySettings(otlp_endpoint=otlp.url, service_name="triage-test")
+        telemetry = Telemetry(settings, environ={})
+        assert telemetry.tracing_enabled
+        serve_one(telemetry, {"traceparent": TRACEPARENT})
+        await telemetry.close()  # flushes the batch
+    received = otlp.posts
     assert [path for path, _ in received] == ["/v1/traces"]
     request = ExportTraceServiceRequest.FromString(received[0][1])
     (resource_spans,) = request.resource_spans

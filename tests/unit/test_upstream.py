@@ -8,18 +8,7 @@ import orjson
 import pytest
 
 from gateway.upstream import event_data, iter_event_batches, status_error
-
-
-class FakeContent:
-    """Stands in for aiohttp's StreamReader: hands out the given pieces one by one."""
-
-    def __init__(self, pieces: list[bytes]) -> None:
-        self.pieces = pieces
-
-    async def iter_any(self):  # type: ignore[no-untyped-def]
-        for piece in self.pieces:
-            await asyncio.sleep(0)
-            yield piece
+from tests.support.fakes import REPLICA, FakeContent, FakeResponse
 
 
 async def batches(pieces: list[bytes]) -> list[bytes]:
@@ -90,20 +79,6 @@ def test_aiohttp_is_the_only_client_on_the_data_path() -> None:
     asyncio.run(make())
 
 
-class WholeResponse:
-    """An aiohttp response stand-in whose whole body arrives in one read."""
-
-    def __init__(self, body: bytes) -> None:
-        self.content = FakeContent([body])
-        self.released = self.closed = False
-
-    def release(self) -> None:
-        self.released = True
-
-    def close(self) -> None:
-        self.closed = True
-
-
 def chunk(content: str | None, finish: str | None = None, usage: object = None) -> bytes:
     choices = (
         []
@@ -126,11 +101,10 @@ async def test_relay_accounts_for_every_event_of_a_batch(strip: bool) -> None:
         + b"data: [DONE]\n\n"
         + chunk("after the end")
     )
-    response = WholeResponse(body)
+    response: Any = FakeResponse(body, piece=None)
     outcome = Outcome()
-    replica: Any = type("Replica", (), {"url": "http://replica"})()
     upstream = Upstream(None, 5, 1)  # type: ignore[arg-type]
-    relayed = b"".join([b async for b in upstream.relay(replica, response, outcome, strip)])  # type: ignore[arg-type]
+    relayed = b"".join([b async for b in upstream.relay(REPLICA, response, outcome, strip)])
     assert outcome.completed and response.released and not response.closed
     assert outcome.usage == usage and outcome.finish_reasons == ("stop",)
     assert relayed.endswith(b"data: [DONE]\n\n") and b"after the end" not in relayed
@@ -143,9 +117,9 @@ async def test_relay_passes_plain_token_batches_through() -> None:
 
     body = chunk("a") + chunk("b")  # no [DONE]: the stream was cut
     outcome = Outcome()
-    replica: Any = type("Replica", (), {"url": "http://replica"})()
     upstream = Upstream(None, 5, 1)  # type: ignore[arg-type]
-    relayed = [b async for b in upstream.relay(replica, WholeResponse(body), outcome, True)]  # type: ignore[arg-type]
+    response: Any = FakeResponse(body, piece=None)
+    relayed = [b async for b in upstream.relay(REPLICA, response, outcome, True)]
     assert relayed[0] == body.replace(b',"usage":null', b"")
     assert b'"error"' in relayed[1] and relayed[1].endswith(b"data: [DONE]\n\n")
     assert outcome.events == 2 and not outcome.completed
