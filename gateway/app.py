@@ -150,16 +150,17 @@ class Gateway:
 
     async def _generate(self, request: Request, kind: RequestKind) -> Response:
         runtime = self.runtime  # this request keeps this policy to the end
-        record = self.telemetry.start(kind, request.headers, new_request_id())
+        headers = header_map(request)
+        record = self.telemetry.start(kind, headers, new_request_id())
         try:
-            exchange = await self._admit(runtime, request, kind, record)
-            hit = await self._cache_lookup(runtime, exchange, request.headers)
+            exchange = await self._admit(runtime, request, headers, kind, record)
+            hit = await self._cache_lookup(runtime, exchange, headers)
             if hit is not None:
                 await exchange.finish()
                 return hit
             try:
                 await self._reserve(runtime, exchange)
-                forward = self._forward(runtime, exchange, request.headers)
+                forward = self._forward(runtime, exchange, headers)
                 if exchange.parsed.stream:
                     return await forward  # EventStreamResponse watches for a disconnect
                 return await unless_client_leaves(request.receive, forward)
@@ -181,28 +182,31 @@ class Gateway:
             return error_response(error, {"x-triage-request-id": record.request_id})
 
     async def _admit(
-        self, runtime: Runtime, request: Request, kind: RequestKind, record: RequestRecord
+        self,
+        runtime: Runtime,
+        request: Request,
+        headers: Mapping[str, str],
+        kind: RequestKind,
+        record: RequestRecord,
     ) -> Exchange:
         """Parse, authenticate and route: everything decided before any state is touched."""
         parsed = await read_request(request, kind, runtime.policy.server.max_body_bytes)
         record.requested(parsed)
         with record.trace.span("triage.auth"):
-            caller = runtime.auth.authenticate(request.headers)
+            caller = runtime.auth.authenticate(headers)
         record.tenant = caller.tenant
         with record.trace.span("triage.route"):
-            decision = self._route(runtime, parsed, caller, request)
+            decision = self._route(runtime, parsed, caller, headers)
         record.routed(decision)
         telemetry, prices, ledger = self.telemetry, runtime.prices, runtime.ledger
         return Exchange(parsed, caller, decision, record, telemetry, prices, ledger)
 
     def _route(
-        self, runtime: Runtime, parsed: ParsedRequest, caller: Caller, request: Request
+        self, runtime: Runtime, parsed: ParsedRequest, caller: Caller, headers: Mapping[str, str]
     ) -> Decision:
         if parsed.kind == "embeddings" and parsed.model == AUTO:
             raise InvalidRequest("Embeddings need a model or tier name, not 'auto'.", param="model")
-        route = RouteInput(
-            parsed.model, parsed.body, request.headers, parsed.estimated_prompt_tokens()
-        )
+        route = RouteInput(parsed.model, parsed.body, headers, parsed.estimated_prompt_tokens())
         decision = runtime.router.decide(route)
         allowed = decision.restricted_to(caller.may_use)
         if allowed is None:
@@ -334,19 +338,17 @@ class Gateway:
         )
 
     async def _relay(self, exchange: Exchange, dispatched: Dispatched) -> AsyncIterator[bytes]:
+        """The stream for the client. Its bookkeeping (`exchange.finish`) is left to the
+        response's `on_close`, after the last byte is sent: the client does not wait on it."""
         strip = not exchange.parsed.client_wants_usage
         recorder = exchange.recorder
-        try:
-            replica, response = dispatched.replica, dispatched.response
-            events = self.upstream.relay(
-                replica, response, exchange.outcome, strip, dispatched.events()
-            )
+        replica, response = dispatched.replica, dispatched.response
+        relay = self.upstream.relay(replica, response, exchange.outcome, strip, dispatched.events())
+        async with contextlib.aclosing(relay) as events:
             async for event in events:
                 if recorder is not None:
                     recorder.feed_event(event)
                 yield event
-        finally:
-            await exchange.finish()
 
     # --- everything else ---------------------------------------------------------------
 
@@ -406,6 +408,14 @@ class Gateway:
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not given or not hmac.compare_digest(hash_key(given), expected):
             raise AuthenticationFailed("A valid admin key is required.")
+
+
+def header_map(request: Request) -> dict[str, str]:
+    """The request's headers as a dict, built once: Starlette's `Headers` scans its list
+    on every lookup, and the request path looks up a dozen. Of a repeated header the first
+    wins, as with `Headers.get`."""
+    raw = request.scope["headers"]
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(raw)}
 
 
 def build_app(policy_path: str | Path) -> Starlette:
