@@ -55,7 +55,10 @@ def _prompts() -> list[str]:
 
 def _percentiles(samples: list[float]) -> tuple[float, float, float]:
     ordered = sorted(samples)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
     return pick(0.5) * 1e6, pick(0.99) * 1e6, max(ordered) * 1e6
 
 
@@ -108,7 +111,7 @@ def main() -> None:
             (p * (200000 // max(len(p), 1) + 1))[:200000] for p in rng.choices(prompts, k=50)
         ],
     }
-    chat = []
+    chat: list[dict[str, object]] = []
     for prompt in rng.choices(prompts, k=args.n):
         chat.append(
             {
@@ -122,7 +125,7 @@ def main() -> None:
             }
         )
     for name, texts in buckets.items():
-        requests = chat if not texts else [{"prompt": t} for t in texts]
+        requests: list[dict[str, object]] = chat if not texts else [{"prompt": t} for t in texts]
         p50, p99, worst = _percentiles(_time(model, requests))
         rows.append((name, len(requests), p50, p99, worst))
 

@@ -128,6 +128,10 @@ def _cv(args: argparse.Namespace, out: TextIO) -> int:
         ]
         for line in report_lines(table, title):
             print(line, file=out)
+        if result.fold_apgr_sd is not None:
+            print(
+                f"model APGR standard deviation across folds: {result.fold_apgr_sd:.3f}", file=out
+            )
     return 0
 
 

@@ -33,6 +33,7 @@ class SourceResult:
     model: RoutingReport
     random: RoutingReport
     length: RoutingReport
+    fold_apgr_sd: float | None = None  # spread of the model APGR between held-out groups
 
 
 def length_scores(rows: Sequence[LabelledRequest]) -> list[float]:
@@ -85,6 +86,7 @@ def cross_validate(
     for source in sorted(set(sources.tolist())):
         members = all_index[sources == source]
         names = sorted(set(subject_of[members].tolist()))
+        spread: float | None = None
         if len(names) >= folds:
             per_fold: list[tuple[RoutingReport, RoutingReport, RoutingReport]] = []
             for repeat in range(repeats):
@@ -107,6 +109,7 @@ def cross_validate(
                 for i, name in enumerate(("model", "random", "length"))
             )
             scheme = f"{folds}-fold by subject x{repeats}, mean of folds"
+            spread = float(np.std([f[0].apgr for f in per_fold]))
         else:
             out_of_fold = np.zeros(len(members))
             order = np.random.default_rng(seed).permutation(len(members))
@@ -127,6 +130,7 @@ def cross_validate(
                 model=figures[0],
                 random=figures[1],
                 length=figures[2],
+                fold_apgr_sd=spread,
             )
         )
     return results

@@ -235,9 +235,9 @@ def fit(
         # Fixed effects: structural weights learned from differences between prompts of one
         # subject cannot encode which training subjects happen to be hard, which is what
         # failed to transfer to unseen subjects.
-        subject = np.array([f"{row.source}/{row.subject}" for row in rows])
-        fit_blocks = _demean(blocks, subject)
-        residual = _demean(residual[:, None], subject)[:, 0]
+        groups = np.array([f"{row.source}/{row.subject}" for row in rows])
+        fit_blocks = _demean(blocks, groups)
+        residual = _demean(residual[:, None], groups)[:, 0]
     design = sparse.hstack(
         [sparse.csr_matrix(fit_blocks * dense_factor), _token_matrix(features, vocabulary)]
     ).tocsr()

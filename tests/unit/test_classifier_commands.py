@@ -11,7 +11,7 @@ from classifiers.model import load_model
 
 
 def _write(path: Path, n: int = 60) -> Path:
-    rows = []
+    rows: list[dict[str, object]] = []
     for i in range(n):
         hard = i % 3 == 0
         prompt = f"solve the integral of x^{i} step by step" if hard else f"say hi number {i}"
@@ -47,3 +47,26 @@ def test_train_eval_score(tmp_path: Path) -> None:
 def test_bad_model_is_an_error_not_a_traceback(tmp_path: Path) -> None:
     data = _write(tmp_path / "rows.jsonl")
     assert main(["score", "--model", str(tmp_path / "missing"), "--data", str(data)]) == 2
+
+
+def test_cv_holds_out_subjects(tmp_path: Path) -> None:
+    rows = []
+    for i in range(120):
+        hard = i % 3 == 0
+        prompt = f"prove the theorem about x^{i} step by step" if hard else f"name colour {i}"
+        rows.append(
+            {
+                "prompt": prompt,
+                "weak": 0 if hard else 1,
+                "strong": 1,
+                "source": "exam",
+                "subject": f"s{i % 6}",
+            }
+        )
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = io.StringIO()
+    assert main(["cv", "--data", str(data), "--folds", "3", "--repeats", "1"], out) == 0
+    text = out.getvalue()
+    assert "exam: 120 rows, 6 subjects, 3-fold by subject x1" in text
+    assert "standard deviation across folds" in text
