@@ -199,7 +199,9 @@ class Gateway:
             decision = self._route(runtime, parsed, caller, headers)
         record.routed(decision)
         telemetry, prices, ledger = self.telemetry, runtime.prices, runtime.ledger
-        return Exchange(parsed, caller, decision, record, telemetry, prices, ledger)
+        return Exchange(
+            parsed, caller, decision, record, telemetry, prices, ledger, feedback=runtime.feedback
+        )
 
     def _route(
         self, runtime: Runtime, parsed: ParsedRequest, caller: Caller, headers: Mapping[str, str]

@@ -20,6 +20,7 @@ from gateway.budgets.ledger import Ledger, Reservation
 from gateway.cache.plan import CachePlan
 from gateway.cache.response_cache import Recorder
 from gateway.dispatch import Dispatched
+from gateway.feedback import FeedbackLog
 from gateway.policy import Price
 from gateway.pools import Pool, Replica
 from gateway.router import Decision
@@ -50,6 +51,7 @@ class Exchange:
     dispatched: Dispatched | None = None
     outcome: Outcome = field(default_factory=Outcome)
     headers: dict[str, str] = field(default_factory=dict)
+    feedback: FeedbackLog | None = None
     upstream_s: float = 0.0  # spent waiting on the backend before the response starts
     _finished: bool = False
 
@@ -118,6 +120,8 @@ class Exchange:
             with record.trace.span("triage.budget.settle"):
                 await self._settle_budget(self.reservation)
         self.telemetry.finish(record)
+        if self.feedback is not None:
+            self.feedback.write(self.parsed, record)
 
     async def _settle_budget(self, reservation: Reservation) -> None:
         record = self.record

@@ -135,6 +135,15 @@ class Retries(_Strict):
     budget: float = Field(0.1, ge=0, le=1)  # retries per request, at most
 
 
+class FeedbackSettings(_Strict):
+    """A JSONL log of routed requests, to retrain the classifier on (gateway/feedback.py)."""
+
+    path: str
+    sample_rate: float = Field(1.0, gt=0, le=1)
+    prompts: Literal["hash", "text"] = "hash"  # text: prompts and request bodies in the log
+    source: str = "gateway"  # the rows' `source` (training ranks and weights per source)
+
+
 class Routing(_Strict):
     default_tier: str | None = None
     classifier: str | None = None
@@ -147,6 +156,7 @@ class Routing(_Strict):
     # Upstream timeouts, as a multiple of the request's TTFT SLO (before the first byte)
     # and of its e2e SLO (after it).
     timeout_factor: float = Field(2.0, ge=1)
+    feedback: FeedbackSettings | None = None
 
 
 class Breaker(_Strict):

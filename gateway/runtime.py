@@ -14,7 +14,8 @@ from gateway.auth import Authenticator
 from gateway.budgets.ledger import Ledger
 from gateway.cache.response_cache import ResponseCache
 from gateway.dispatch import Dispatcher, DispatchSettings, Sender, TierRules
-from gateway.policy import Policy, Price, StoreSettings, resolve_classifier_path
+from gateway.feedback import FeedbackLog
+from gateway.policy import Policy, PolicyError, Price, StoreSettings, resolve_classifier_path
 from gateway.pools import HealthChecker, Pool, ReplicaSettings
 from gateway.replica_metrics import LoadScraper
 from gateway.router import DifficultyScorer, Router
@@ -52,6 +53,7 @@ class Runtime:
     ledger: Ledger
     scraper: LoadScraper
     dispatcher: Dispatcher
+    feedback: FeedbackLog | None = None
 
     def ready(self) -> dict[str, bool]:
         """Per tier: does at least one of its models have a healthy replica?"""
@@ -106,7 +108,24 @@ async def build_runtime(
     # A reload hands over settlements still queued for a store that was down.
     ledger = Ledger(store, policy, carry_over=previous.ledger if previous else None)
     auth = Authenticator(policy)
-    return Runtime(policy, router, pools, health, auth, cache, prices, ledger, scraper, dispatcher)
+    feedback = open_feedback_log(policy, base_dir)
+    return Runtime(
+        policy, router, pools, health, auth, cache, prices, ledger, scraper, dispatcher, feedback
+    )
+
+
+def open_feedback_log(policy: Policy, base_dir: Path | None) -> FeedbackLog | None:
+    """The policy's feedback log, a relative path taken from the policy's directory."""
+    settings = policy.routing.feedback
+    if settings is None:
+        return None
+    path = Path(settings.path)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    try:
+        return FeedbackLog(settings.model_copy(update={"path": str(path)}))
+    except OSError as exc:
+        raise PolicyError([f"routing.feedback.path: cannot open {path}: {exc.strerror}"]) from exc
 
 
 def replica_settings(policy: Policy) -> ReplicaSettings:
