@@ -5,7 +5,7 @@ from the training subjects transfer badly to unseen subjects (they pick up what 
 subjects hard), while a few cross-domain cues — prompt length, and for open-ended prompts math,
 code and reasoning versus writing and role-play — transfer. So the dense weights start from
 the documented `PRIOR` below and the data only fits a heavily shrunk residual on top of it
-(ridge towards the prior), together with word and bigram weights.
+(ridge towards the prior), together with word weights.
 
 Target: the per-row gain d = strong - weak. Sources scored 0/1 use d as is; judge-scored
 sources (any value outside {0, 1}) use clip(d / JUDGE_SCALE, -1, 1). Each source's target is
