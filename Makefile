@@ -22,6 +22,7 @@ run: $(BIN)/triage
 
 test: $(VENV)/.test-deps
 	$(BIN)/ruff check gateway classifiers tests bench
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 lint: $(VENV)/.test-deps

@@ -176,10 +176,10 @@ class Gateway:
         except Exception:
             # A bug, not a client error: answer in OpenAI's shape and still account for it.
             logger.exception("unexpected error in request %s", record.request_id)
-            error = TriageError("The gateway hit an internal error.")
-            record.fail(error)
+            internal = TriageError("The gateway hit an internal error.")
+            record.fail(internal)
             self.telemetry.finish(record)
-            return error_response(error, {"x-triage-request-id": record.request_id})
+            return error_response(internal, {"x-triage-request-id": record.request_id})
 
     async def _admit(
         self,

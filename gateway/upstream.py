@@ -127,7 +127,7 @@ class Upstream:
         outcome: Outcome,
         strip_usage_chunk: bool,
         batches: AsyncIterator[bytes] | None = None,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Relay SSE events as they arrive, a batch at a time (see `iter_event_batches`;
         from `batches` when given, which may hold some already read); end a failed stream
         with an error event."""
