@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from classifiers.features import (
@@ -95,3 +96,20 @@ def test_phrases_need_adjacent_words() -> None:
 def test_extraction_is_deterministic() -> None:
     request = {"prompt": "Solve 3x + 4 = 19.\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:"}
     assert extract(request) == extract(dict(request))
+
+
+def test_odd_text_is_read_without_errors() -> None:
+    for text in ("", "\ud800 lone surrogate", "a" * 5000, "é" * 3000 + " ok", "\n" * 100):
+        features = extract({"prompt": text})
+        assert len(features.dense) == len(DENSE_NAMES)
+        assert all(isinstance(token, bytes) for token in features.tokens)
+
+
+def test_words_come_from_a_window_of_long_prompts() -> None:
+    text = "alpha " * 200 + "middle " * 500 + "omega " * 100
+    features = extract({"prompt": text})
+    assert b"alpha" in features.tokens and b"omega" in features.tokens
+    assert b"middle" not in features.tokens
+    # The word count is estimated for the whole capped message from the window (here 666 vs 615).
+    words = len(text_of_request({"prompt": text}).last_user.split())
+    assert abs(features.dense[DENSE_NAMES.index("log_words")] - math.log1p(words)) < 0.1
