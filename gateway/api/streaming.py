@@ -10,14 +10,13 @@ A stream still running at the shutdown deadline ends with an error event and `[D
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from starlette.types import Receive, Scope, Send
 
 from gateway.api.errors import sse_error_event
 from gateway.errors import UpstreamUnavailable
-from gateway.shutdown import SHUTDOWN
+from gateway.shutdown import INTERRUPTED, SHUTDOWN
 
 _SHUTTING_DOWN = UpstreamUnavailable(
     "The gateway is shutting down; retry the request.", code="shutting_down"
@@ -41,27 +40,40 @@ class EventStreamResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            relay = asyncio.ensure_future(self._relay(send))
-            watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-            client_left = False
-            try:
-                with SHUTDOWN.interrupts(relay):
-                    await asyncio.wait({relay, watcher}, return_when=asyncio.FIRST_COMPLETED)
-                client_left = watcher.done()
-            finally:
-                for task in (relay, watcher):
-                    if not task.done():
-                        task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await relay
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-            if relay.cancelled() and not client_left:  # interrupted by the shutdown deadline
-                last = sse_error_event(_SHUTTING_DOWN)
-                await send({"type": "http.response.body", "body": last, "more_body": False})
+            await self._relay_until_stopped(receive, send)
         finally:
             if self.on_close is not None:
                 await self.on_close()
+
+    async def _relay_until_stopped(self, receive: Receive, send: Send) -> None:
+        """Relay in this task; a watcher cancels it when the client leaves, and the
+        shutdown deadline when the gateway must stop (then the stream ends with an error
+        event). One task beside the request's, not two."""
+        task = asyncio.current_task()
+        assert task is not None
+        relaying, client_left = True, False
+
+        def on_disconnect(watcher: asyncio.Future[None]) -> None:
+            nonlocal client_left
+            if relaying and not watcher.cancelled() and watcher.exception() is None:
+                client_left = True
+                task.cancel()
+
+        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+        watcher.add_done_callback(on_disconnect)
+        try:
+            with SHUTDOWN.interrupts(task):
+                await self._relay(send)
+        except asyncio.CancelledError as stop:
+            ours = client_left or stop.args == (INTERRUPTED,)
+            if not ours or task.uncancel() > 0:
+                raise  # cancelled from outside: the server is tearing the request down
+            if not client_left:
+                last = sse_error_event(_SHUTTING_DOWN)
+                await send({"type": "http.response.body", "body": last, "more_body": False})
+        finally:
+            relaying = False  # a disconnect from now on is not this relay's to act on
+            watcher.cancel()
 
     async def _relay(self, send: Send) -> None:
         try:
