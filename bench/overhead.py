@@ -17,8 +17,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,12 +24,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
 import yaml
+from _processes import PYTHON, free_port, start, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-PYTHON = sys.executable
 MODEL = "bench-model"
 LITELLM_VENV = BENCH / ".venv-litellm"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -91,12 +88,6 @@ WORDS = [
     "why",
     "how",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def prompts(count: int, seed: int = 7) -> list[str]:
@@ -162,40 +153,6 @@ class Row:
     peak_rss_mb: float | None
     added_p50_ms: float | None = None
     added_p99_ms: float | None = None
-
-
-def start(
-    args: list[str], health: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.Popen[bytes]:
-    log = tempfile.NamedTemporaryFile(prefix="bench-", suffix=".log", delete=False)  # noqa: SIM115 (outlives this call: the child writes to it)
-    process = subprocess.Popen(
-        args,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{args[:4]} exited: {Path(log.name).read_text()[-2000:]}")
-        try:
-            if httpx.get(health, timeout=1).status_code < 500:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    stop(process)
-    raise RuntimeError(f"{args[:4]} did not start: {Path(log.name).read_text()[-2000:]}")
-
-
-def stop(process: subprocess.Popen[bytes] | None) -> None:
-    if process is not None and process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -337,7 +294,7 @@ def litellm_target(stub_url: str, workdir: Path) -> Target | None:
         process = start(
             [str(binary), "--config", str(config), "--port", str(port)],
             f"http://127.0.0.1:{port}/health/liveliness",
-            env,
+            env=env,
             timeout=120,
         )
     except RuntimeError as exc:

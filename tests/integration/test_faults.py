@@ -10,10 +10,7 @@ reservation still held, nothing counted in flight, and the next request served n
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import os
 import re
-import signal
 import threading
 import time
 import uuid
@@ -31,11 +28,14 @@ from gateway.policy import hash_key
 from tests.integration.conftest import (
     SMALL,
     Service,
+    Services,
+    SimPair,
     policy_for,
     set_faults,
     sim_stats,
     start_gateway,
     start_sim,
+    start_sim_pair,
 )
 from tests.support.redis import RedisServer
 
@@ -70,35 +70,23 @@ def fault_policy(small: str, large: str, **sections: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def sims(log_dir: Path, services: Callable[[Service], Service]) -> tuple[Service, Service]:
-    return (
-        services(start_sim(log_dir, "small", *FAST)),
-        services(start_sim(log_dir, "large", *FAST)),
-    )
+def sims(log_dir: Path, services: Services) -> SimPair:
+    return start_sim_pair(log_dir, services, *FAST)
 
 
 @pytest.fixture(autouse=True)
-def no_faults(sims: tuple[Service, Service]) -> Iterator[None]:
+def no_faults(sims: SimPair) -> Iterator[None]:
     yield
     for sim in sims:
         set_faults(sim, rate=0.0)
 
 
 @pytest.fixture(scope="module")
-def prefix() -> str:
-    return f"faults-{uuid.uuid4().hex[:8]}:"
-
-
-@pytest.fixture(scope="module")
 def gateway(
-    log_dir: Path,
-    services: Callable[[Service], Service],
-    sims: tuple[Service, Service],
-    redis_server: RedisServer,
-    prefix: str,
+    log_dir: Path, services: Services, sims: SimPair, store_section: dict[str, Any]
 ) -> Service:
-    store = {"redis_url": redis_server.url, "key_prefix": prefix, "timeout_ms": 1000}
-    return services(start_gateway(log_dir, fault_policy(sims[0].url, sims[1].url, store=store)))
+    policy = fault_policy(sims[0].url, sims[1].url, store=store_section)
+    return services(start_gateway(log_dir, policy))
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -188,7 +176,7 @@ FAULTS = [
 @pytest.mark.parametrize(("kind", "status", "mid_stream"), FAULTS, ids=[f[0] for f in FAULTS])
 def test_backend_fault_leaves_nothing_behind(
     gateway: Service,
-    sims: tuple[Service, Service],
+    sims: SimPair,
     redis_server: RedisServer,
     prefix: str,
     kind: str,
@@ -238,15 +226,12 @@ def test_backend_fault_leaves_nothing_behind(
 
 @pytest.fixture(scope="module")
 def slow_gateway(
-    log_dir: Path,
-    services: Callable[[Service], Service],
-    sims: tuple[Service, Service],
-    redis_server: RedisServer,
+    log_dir: Path, services: Services, sims: SimPair, store_section: dict[str, Any]
 ) -> tuple[Service, Service, str]:
     """A gateway over a replica that takes 200 ms, then 30 ms a token: time to leave."""
     slow = services(start_sim(log_dir, "small", "--ttft-ms", "200", "--itl-ms", "30"))
     prefix = f"leave-{uuid.uuid4().hex[:8]}:"
-    store = {"redis_url": redis_server.url, "key_prefix": prefix, "timeout_ms": 1000}
+    store = {**store_section, "key_prefix": prefix}
     policy = fault_policy(slow.url, sims[1].url, store=store, server={"upstream_timeout_s": 10})
     return services(start_gateway(log_dir, policy)), slow, prefix
 
@@ -364,8 +349,8 @@ class Load:
 
 def redis_gateway(
     log_dir: Path,
-    services: Callable[[Service], Service],
-    sims: tuple[Service, Service],
+    services: Services,
+    sims: SimPair,
     server: RedisServer,
     failure_mode: str,
 ) -> Service:
@@ -380,18 +365,6 @@ def redis_gateway(
     return services(start_gateway(log_dir, policy))
 
 
-@contextlib.contextmanager
-def paused(server: RedisServer) -> Iterator[None]:
-    """Redis stops answering and keeps its connections open. SIGSTOP, not the fixture's
-    `pause()`: that sends DEBUG SLEEP, which redis-server 7+ refuses by default."""
-    assert server.process is not None
-    os.kill(server.process.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(server.process.pid, signal.SIGCONT)
-
-
 def wait_for_hits(gateway: Service, body: dict[str, Any]) -> bool:
     send(gateway, body)
     return eventually(lambda: send(gateway, body).headers.get("x-triage-cache") == "hit", 5)
@@ -402,15 +375,15 @@ PAUSE_S = 3.0
 
 def test_redis_paused_mid_run_fails_open_and_recovers(
     log_dir: Path,
-    services: Callable[[Service], Service],
-    sims: tuple[Service, Service],
+    services: Services,
+    sims: SimPair,
     fresh_redis: RedisServer,
 ) -> None:
     gateway = redis_gateway(log_dir, services, sims, fresh_redis, "fail_open")
     with Load(gateway) as load:
         time.sleep(0.8)
         paused_at = time.monotonic()
-        with paused(fresh_redis):
+        with fresh_redis.frozen():
             time.sleep(PAUSE_S)
         time.sleep(1.0)
     statuses = {status for _, _, status, _ in load.results}
@@ -430,8 +403,8 @@ def test_redis_paused_mid_run_fails_open_and_recovers(
 
 def test_redis_killed_mid_stream_then_restarted(
     log_dir: Path,
-    services: Callable[[Service], Service],
-    sims: tuple[Service, Service],
+    services: Services,
+    sims: SimPair,
     fresh_redis: RedisServer,
 ) -> None:
     gateway = redis_gateway(log_dir, services, sims, fresh_redis, "fail_closed")
@@ -464,7 +437,7 @@ def test_redis_killed_mid_stream_then_restarted(
 
 
 def test_policy_reloaded_under_load_fails_no_request(
-    log_dir: Path, services: Callable[[Service], Service], sims: tuple[Service, Service]
+    log_dir: Path, services: Services, sims: SimPair
 ) -> None:
     policies = [fault_policy(sims[0].url, sims[1].url) for _ in range(2)]
     policies[1]["routing"]["default_tier"] = "large"

@@ -31,6 +31,7 @@ from tests.integration.conftest import (
     LARGE,
     SMALL,
     Service,
+    Services,
     policy_for,
     start_gateway,
     start_sim,
@@ -52,11 +53,11 @@ TIGHT_KEY, TIGHT_USD = "sk-tight-0123456789", 0.0005
 
 
 @pytest.fixture(scope="module")
-def gateway(log_dir: Path, services: Callable[[Service], Service]) -> Service:
+def gateway(log_dir: Path, services: Services) -> Service:
     return start_fuzz_gateway(log_dir, services)
 
 
-def start_fuzz_gateway(log_dir: Path, services: Callable[[Service], Service]) -> Service:
+def start_fuzz_gateway(log_dir: Path, services: Services) -> Service:
     """Two instant sims; `auto` routed by the classifier; callers without a key and the tight
     tenant both have budgets; a 1 MiB body limit; a short client timeout where supported."""
     small = services(start_sim(log_dir, "instant", "--max-model-len", MAX_MODEL_LEN))

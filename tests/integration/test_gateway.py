@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from tests.integration.conftest import (
     LARGE,
     SMALL,
     Service,
+    Services,
     policy_for,
     set_faults,
     sim_stats,
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def sims(log_dir: Path, services: Callable[[Service], Service]) -> dict[str, list[Service]]:
+def sims(log_dir: Path, services: Services) -> dict[str, list[Service]]:
     return {
         "small": [services(start_sim(log_dir, "small", *FAST)) for _ in range(2)],
         "large": [services(start_sim(log_dir, "large", *FAST)) for _ in range(2)],
@@ -36,9 +36,7 @@ def sims(log_dir: Path, services: Callable[[Service], Service]) -> dict[str, lis
 
 
 @pytest.fixture(scope="module")
-def gateway(
-    log_dir: Path, services: Callable[[Service], Service], sims: dict[str, list[Service]]
-) -> Service:
+def gateway(log_dir: Path, services: Services, sims: dict[str, list[Service]]) -> Service:
     policy = policy_for([s.url for s in sims["small"]], [s.url for s in sims["large"]])
     return services(start_gateway(log_dir, policy))
 
@@ -163,9 +161,7 @@ def test_unused_fields_reach_backend_untouched(
         assert forwarded[key] == value
 
 
-def test_stream_is_relayed_not_buffered(
-    log_dir: Path, services: Callable[[Service], Service]
-) -> None:
+def test_stream_is_relayed_not_buffered(log_dir: Path, services: Services) -> None:
     slow = services(start_sim(log_dir, "small", "--ttft-ms", "100", "--itl-ms", "40"))
     gw = services(start_gateway(log_dir, policy_for([slow.url], [slow.url])))
     body = chat(model=SMALL, stream=True, max_tokens=25)
@@ -189,9 +185,7 @@ def test_stream_is_relayed_not_buffered(
     assert first - direct < 0.05, (first, direct)
 
 
-def test_client_disconnect_cancels_upstream(
-    log_dir: Path, services: Callable[[Service], Service]
-) -> None:
+def test_client_disconnect_cancels_upstream(log_dir: Path, services: Services) -> None:
     slow = services(start_sim(log_dir, "small", "--ttft-ms", "5", "--itl-ms", "50"))
     gw = services(start_gateway(log_dir, policy_for([slow.url], [slow.url])))
     before = sim_stats(slow)["requests_cancelled"]
@@ -209,7 +203,7 @@ def test_client_disconnect_cancels_upstream(
 
 
 def test_client_timeout_on_a_plain_request_cancels_upstream(
-    log_dir: Path, services: Callable[[Service], Service]
+    log_dir: Path, services: Services
 ) -> None:
     """A non-streamed answer is sent only at the end: a client that gives up before then
     (an SDK timeout) must free the GPU slot, not leave it generating for nobody."""
@@ -309,7 +303,7 @@ def test_connection_reset_is_502(client: openai.OpenAI, sims: dict[str, list[Ser
     assert info.value.status_code == 502
 
 
-def test_backend_hang_is_504(log_dir: Path, services: Callable[[Service], Service]) -> None:
+def test_backend_hang_is_504(log_dir: Path, services: Services) -> None:
     hung = services(start_sim(log_dir, "small", *FAST, "--fault-rate", "1", "--fault-kind", "hang"))
     policy = policy_for([hung.url], [hung.url], server={"upstream_timeout_s": 0.5})
     gw = services(start_gateway(log_dir, policy))
@@ -319,9 +313,7 @@ def test_backend_hang_is_504(log_dir: Path, services: Callable[[Service], Servic
     assert info.value.status_code == 504
 
 
-def test_stall_mid_stream_ends_with_error_event(
-    log_dir: Path, services: Callable[[Service], Service]
-) -> None:
+def test_stall_mid_stream_ends_with_error_event(log_dir: Path, services: Services) -> None:
     stalls = services(
         start_sim(log_dir, "small", *FAST, "--fault-rate", "1", "--fault-kind", "stall")
     )
@@ -343,7 +335,7 @@ def test_stall_mid_stream_ends_with_error_event(
 
 
 def test_refused_replica_is_retried_on_another(
-    log_dir: Path, services: Callable[[Service], Service], sims: dict[str, list[Service]]
+    log_dir: Path, services: Services, sims: dict[str, list[Service]]
 ) -> None:
     dead = f"http://127.0.0.1:{_dead_port()}/v1"
     policy = policy_for(
@@ -358,7 +350,7 @@ def test_refused_replica_is_retried_on_another(
         assert response.headers["x-triage-tier"] == "cheap"
 
 
-def test_no_replica_anywhere_is_503(log_dir: Path, services: Callable[[Service], Service]) -> None:
+def test_no_replica_anywhere_is_503(log_dir: Path, services: Services) -> None:
     dead = f"http://127.0.0.1:{_dead_port()}/v1"
     gw = services(start_gateway(log_dir, policy_for([dead], [dead])))
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
@@ -373,7 +365,7 @@ def test_no_replica_anywhere_is_503(log_dir: Path, services: Callable[[Service],
 
 
 def test_fallback_tier_serves_when_default_is_down(
-    log_dir: Path, services: Callable[[Service], Service], sims: dict[str, list[Service]]
+    log_dir: Path, services: Services, sims: dict[str, list[Service]]
 ) -> None:
     dead = f"http://127.0.0.1:{_dead_port()}/v1"
     gw = services(start_gateway(log_dir, policy_for([dead], [sims["large"][0].url])))
@@ -389,7 +381,7 @@ def test_health_endpoints(gateway: Service) -> None:
 
 
 def test_auto_routes_by_classifier(
-    log_dir: Path, services: Callable[[Service], Service], sims: dict[str, list[Service]]
+    log_dir: Path, services: Services, sims: dict[str, list[Service]]
 ) -> None:
     routing = {
         "default_tier": "cheap",

@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ from tests.integration.conftest import (
     LARGE,
     SMALL,
     Service,
+    Services,
+    SimPair,
     free_port,
     policy_for,
     sim_stats,
@@ -101,7 +103,7 @@ def canary() -> Iterator[Canary]:
 
 
 @pytest.fixture(scope="module")
-def sims(log_dir: Path, services: Callable[[Service], Service]) -> tuple[Service, Service]:
+def sims(log_dir: Path, services: Services) -> SimPair:
     return (
         services(start_sim(log_dir, "instant")),
         services(start_sim(log_dir, "instant", "--model", LARGE)),
@@ -109,17 +111,8 @@ def sims(log_dir: Path, services: Callable[[Service], Service]) -> tuple[Service
 
 
 @pytest.fixture(scope="module")
-def prefix() -> str:
-    return f"iso-{uuid.uuid4().hex[:8]}:"
-
-
-@pytest.fixture(scope="module")
 def gateway(
-    log_dir: Path,
-    services: Callable[[Service], Service],
-    sims: tuple[Service, Service],
-    redis_server: RedisServer,
-    prefix: str,
+    log_dir: Path, services: Services, sims: SimPair, store_section: dict[str, Any]
 ) -> Service:
     small, large = sims
     tenants: dict[str, Any] = {
@@ -134,7 +127,7 @@ def gateway(
         models={LARGE: {"replicas": [large.url], "price": EXPENSIVE}},
         tenants=tenants,
         auth={"anonymous": None},
-        store={"redis_url": redis_server.url, "key_prefix": prefix, "timeout_ms": 1000},
+        store=store_section,
         budgets={"tiers": {"large": {"usd_per_day": GLOBAL_LARGE_USD}}},
         server={"admin_key": hash_key(ADMIN)},
     )
@@ -173,7 +166,7 @@ def assert_error(response: httpx.Response, status: int) -> dict[str, Any]:
     return error
 
 
-def backend_requests(sims: tuple[Service, Service]) -> int:
+def backend_requests(sims: SimPair) -> int:
     return sum(int(sim_stats(sim)["requests_total"]) for sim in sims)
 
 
@@ -211,7 +204,7 @@ def hostile_models(canary: str) -> list[str]:
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
 def test_model_names_cannot_name_a_url(
-    gateway: Service, sims: tuple[Service, Service], canary: Canary, path: str
+    gateway: Service, sims: SimPair, canary: Canary, path: str
 ) -> None:
     before = backend_requests(sims)
     for model in hostile_models(canary.host):
@@ -227,7 +220,7 @@ def test_model_names_cannot_name_a_url(
 
 
 def test_headers_and_body_fields_cannot_redirect_upstream(
-    gateway: Service, sims: tuple[Service, Service], canary: Canary
+    gateway: Service, sims: SimPair, canary: Canary
 ) -> None:
     url = f"http://{canary.host}/v1"
     headers = {
@@ -298,9 +291,7 @@ def test_admin_endpoints_need_the_admin_key(gateway: Service) -> None:
 
 
 @pytest.fixture(scope="module")
-def plain_gateway(
-    log_dir: Path, services: Callable[[Service], Service], sims: tuple[Service, Service]
-) -> Service:
+def plain_gateway(log_dir: Path, services: Services, sims: SimPair) -> Service:
     """Two tenants, no admin key."""
     tenants = {
         name: {"keys": [hash_key(KEYS[name])], "budget": {"usd_per_day": 1}}
@@ -353,7 +344,7 @@ def test_restricted_tenant_cannot_reach_other_tiers(gateway: Service) -> None:
 
 
 def test_restricted_tenant_does_not_fall_back_into_a_forbidden_tier(
-    log_dir: Path, services: Callable[[Service], Service], sims: tuple[Service, Service]
+    log_dir: Path, services: Services, sims: SimPair
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}/v1"
     tenants = {

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.crc import key_slot
@@ -201,17 +198,6 @@ async def test_cluster_spreads_keys_over_every_master(
 TIMEOUT_MS = 50
 
 
-@contextlib.contextmanager
-def frozen(server: RedisServer) -> Iterator[None]:
-    """The server stops answering, its connections stay open (SIGSTOP: like DEBUG SLEEP)."""
-    assert server.process is not None
-    os.kill(server.process.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(server.process.pid, signal.SIGCONT)
-
-
 def failing_store(server: RedisServer, reset_s: float = 0.3) -> RedisStore:
     settings = StoreSettings(
         redis_url=server.url, timeout_ms=TIMEOUT_MS, breaker_failures=3, breaker_reset_s=reset_s
@@ -247,7 +233,7 @@ async def test_paused_redis_costs_each_call_the_timeout_not_the_pause(
     store = failing_store(fresh_redis)
     try:
         await store.set("k", b"1", 60)
-        with frozen(fresh_redis):
+        with fresh_redis.frozen():
             times = [await timed_failure(store) for _ in range(5)]
         assert all(t < TIMEOUT_MS / 1000 + 0.3 for t in times[:3]), times
         assert all(t < 0.001 for t in times[3:]), times  # open after three timeouts
@@ -264,7 +250,7 @@ async def test_concurrent_calls_on_a_paused_redis_are_each_bounded(
     store = failing_store(fresh_redis)
     try:
         await store.set("k", b"1", 60)
-        with frozen(fresh_redis):
+        with fresh_redis.frozen():
             started = time.perf_counter()
             calls = (store.get("k") for _ in range(50))
             results = await asyncio.gather(*calls, return_exceptions=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from tests.integration.conftest import (
     LARGE,
     SMALL,
     Service,
+    Services,
     policy_for,
     start_gateway,
     start_sim,
@@ -52,7 +53,7 @@ def new_trace_id() -> str:
 
 
 @pytest.fixture(scope="module")
-def sims(log_dir: Path, services: Callable[[Service], Service]) -> dict[str, list[Service]]:
+def sims(log_dir: Path, services: Services) -> dict[str, list[Service]]:
     return {
         "small": [services(start_sim(log_dir, "small", *FAST)) for _ in range(2)],
         "large": [services(start_sim(log_dir, "large", *FAST))],
@@ -74,9 +75,7 @@ def telemetry_policy(sims: dict[str, list[Service]], **sections: Any) -> dict[st
 
 
 @pytest.fixture(scope="module")
-def gateway(
-    log_dir: Path, services: Callable[[Service], Service], sims: dict[str, list[Service]]
-) -> Service:
+def gateway(log_dir: Path, services: Services, sims: dict[str, list[Service]]) -> Service:
     """Tracing off (no OTLP endpoint): the client's traceparent goes on unchanged."""
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ""}
     return services(start_gateway(log_dir, telemetry_policy(sims), env))
@@ -92,7 +91,7 @@ def otlp() -> Iterator[Received]:
 @pytest.fixture(scope="module")
 def traced_gateway(
     log_dir: Path,
-    services: Callable[[Service], Service],
+    services: Services,
     sims: dict[str, list[Service]],
     otlp: Received,
 ) -> Service:

