@@ -473,7 +473,8 @@ def test_metrics_and_logs_carry_no_keys_or_client_strings(gateway: Service, cana
         assert hash_key(secret).removeprefix("sha256:")[:16] not in text
     assert canary.host not in text and "mallory" not in text and "injected_total" not in text
     tenants = set(re.findall(r'tenant="([^"]*)"', text))
-    assert tenants <= {*KEYS, "anonymous", "other", "none"}, tenants
+    # "*": a tier budget shared by all tenants (triage_budget_remaining_usd)
+    assert tenants <= {*KEYS, "anonymous", "other", "none", "*"}, tenants
     models = set(re.findall(r'(?<![a-z_])model="([^"]*)"', text))
     assert models <= {SMALL, LARGE, "none"}, models
     log = gateway.output()
