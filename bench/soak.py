@@ -146,7 +146,9 @@ def write_policy(
             LARGE: {"replicas": [sims["large"]], "price": price},
         },
         "tiers": {"cheap": {"models": [SMALL]}, "large": {"models": [LARGE]}},
-        "routing": {"default_tier": "cheap"},
+        # No hedging: a fault on a hedged copy that lost its race (or on the first copy
+        # when the hedge won) is neither a retry nor a 502, and the fault count must add up.
+        "routing": {"default_tier": "cheap", "hedging": {"enabled": False}},
         "store": {"redis_url": redis_url, "timeout_ms": 200},
         "auth": {"anonymous": None},
         "tenants": tenants,
