@@ -164,29 +164,41 @@ class Upstream:
                 response.close()
 
 
+# What makes an event more than a plain token chunk: the end of the stream, a usage report
+# (an object, where other chunks say null), a choice's finish (a string, where others say
+# null); compact JSON, or with a space after the colon as Python's json.dumps writes it.
+_TO_READ = (
+    b"[DONE]",
+    b'"usage":{',
+    b'"usage": {',
+    b'"finish_reason":"',
+    b'"finish_reason": "',
+)
+
+
 def _needs_reading(batch: bytes) -> bool:
-    """Whether a batch holds more than plain token chunks: the end, a usage report, or a
-    choice's finish. Most batches don't, and pass through without being split or parsed."""
-    return (
-        b"[DONE]" in batch
-        or batch.count(b'"usage"') != batch.count(b'"usage":null')
-        or batch.count(b'"finish_reason"') != batch.count(b'"finish_reason":null')
-    )
+    """Most batches hold only token chunks: they pass through without being split or parsed."""
+    return any(marker in batch for marker in _TO_READ)
 
 
 def _read_batch(batch: bytes, outcome: Outcome, strip_usage_chunk: bool) -> bytes:
-    """Account for each event of a batch; what is left of it for the client."""
-    kept = []
-    for event in batch.split(b"\n\n")[:-1]:
+    """Account for each event of a batch that needs it; what is left of it for the client."""
+    found = [at for marker in _TO_READ if (at := batch.find(marker)) >= 0]
+    cut = batch.rfind(b"\n\n", 0, min(found)) if found else -1
+    start = cut + 2 if cut >= 0 else 0  # where the first event that needs reading begins
+    plain = batch[:start]
+    outcome.events += plain.count(b"\n\n")
+    kept = [plain]
+    for event in batch[start:].split(b"\n\n")[:-1]:
         data = event_data(event)
         if data == b"[DONE]":
             outcome.completed = True
             kept.append(DONE_EVENT)
             break  # nothing after it is relayed
         outcome.events += 1
-        if data is not None and b'"finish_reason"' in data and b'"finish_reason":null' not in data:
+        if data is not None and b'"finish_reason"' in data:
             outcome.finish_reasons += finish_reasons(orjson.loads(data))
-        if data is not None and b'"usage"' in data and b'"usage":null' not in data:
+        if data is not None and b'"usage"' in data:
             chunk = orjson.loads(data)
             if isinstance(chunk, dict) and chunk.get("usage"):
                 outcome.usage = chunk["usage"]

@@ -123,3 +123,29 @@ async def test_relay_passes_plain_token_batches_through() -> None:
     assert relayed[0] == body.replace(b',"usage":null', b"")
     assert b'"error"' in relayed[1] and relayed[1].endswith(b"data: [DONE]\n\n")
     assert outcome.events == 2 and not outcome.completed
+
+
+async def test_relay_reads_json_written_with_spaces() -> None:
+    """Python's json.dumps (as some servers write) puts a space after each colon."""
+    import json
+
+    from gateway.upstream import Outcome, Upstream
+
+    def spaced(**chunk: Any) -> bytes:
+        return b"data: " + json.dumps({"id": "c", **chunk}).encode() + b"\n\n"
+
+    usage = {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    plain = {"index": 0, "delta": {"content": "a"}, "finish_reason": None}
+    body = (
+        spaced(choices=[plain], usage=None)
+        + spaced(choices=[{**plain, "finish_reason": "length"}], usage=None)
+        + spaced(choices=[], usage=usage)
+        + b"data: [DONE]\n\n"
+    )
+    outcome = Outcome()
+    upstream = Upstream(None, 5, 1)  # type: ignore[arg-type]
+    response: Any = FakeResponse(body, piece=None)
+    relayed = b"".join([b async for b in upstream.relay(REPLICA, response, outcome, True)])
+    assert outcome.completed and outcome.usage == usage
+    assert outcome.finish_reasons == ("length",) and outcome.events == 3
+    assert b'"completion_tokens"' not in relayed and relayed.endswith(b"data: [DONE]\n\n")
