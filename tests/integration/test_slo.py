@@ -188,10 +188,11 @@ async def test_the_e2e_deadline_ends_a_stalled_stream(stack: Callable[..., Any])
 
 async def test_shedding_order_follows_priority(stack: Callable[..., Any]) -> None:
     slow_small = ("--ttft-ms", "20", "--itl-ms", "25", "--max-num-seqs", "2", "--jitter", "0")
-    # e2e far beyond what the queue can take: on a loaded machine a slow answer must not
-    # turn into a 504 and blur what this test is about, the order of shedding.
+    # Upstream timeouts far beyond what the queue can take (e2e 30 s, first token at 5x the
+    # TTFT SLO): on a loaded machine a slow admitted answer must not turn into a 504 and
+    # blur what this test is about, the order of shedding.
     slo = {"ttft_ms": 2000, "e2e_ms": 30000, "max_queue_ms": 1500}
-    (_,), gateway = stack([slow_small], slo)
+    (_,), gateway = stack([slow_small], slo, routing={"timeout_factor": 5})
     body = chat(max_tokens=20)  # about 0.5 s of a sequence slot each
     async with httpx.AsyncClient(timeout=45) as client:
         await warm_up(client, gateway, 4)
