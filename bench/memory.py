@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _processes import PYTHON, free_port, start, stop
-from overhead import MODEL, Target, run_wrk, triage_target
+from _processes import stop
+from overhead import Target, run_wrk, start_stub, triage_target
 
 
 def rss_mb(pid: int) -> float:
@@ -54,13 +54,11 @@ def main() -> int:
     parser.add_argument("--max-growth", type=float, default=0.10)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="triage-memory-"))
-    port = free_port()
-    stub_args = ["-m", "gateway.cli", "sim", "--profile", "instant", "--model", MODEL]
-    stub = start([PYTHON, *stub_args, "--port", str(port)], f"http://127.0.0.1:{port}/health")
+    stub, stub_url = start_stub()
     gateway: Target | None = None
     baseline: tuple[int, float] | None = None
     try:
-        gateway = triage_target(f"http://127.0.0.1:{port}/v1", workdir, "triage", cache=False)
+        gateway = triage_target(stub_url, workdir, "triage", cache=False)
         assert gateway.process is not None
         pid = gateway.process.pid
         print(f"{'requests':>9} {'RSS MB':>8}")

@@ -225,6 +225,14 @@ def run_wrk(target: Target, stream: bool, concurrency: int, duration: float, wor
     )
 
 
+def start_stub() -> tuple[subprocess.Popen[bytes], str]:
+    """The stub backend every overhead bench measures against, and its /v1 URL."""
+    port = free_port()
+    args = ["-m", "gateway.cli", "sim", "--profile", "instant", "--model", MODEL]
+    stub = start([PYTHON, *args, "--port", str(port)], f"http://127.0.0.1:{port}/health")
+    return stub, f"http://127.0.0.1:{port}/v1"
+
+
 def triage_policy(stub_url: str, path: Path, cache: bool = False) -> None:
     classifier = ROOT / "classifiers/models/default"
     routing: dict[str, object] = {"default_tier": "cheap"}
@@ -315,23 +323,7 @@ def main() -> int:
         return 2
 
     workdir = Path(tempfile.mkdtemp(prefix="triage-bench-"))
-    stub_port = free_port()
-    stub = start(
-        [
-            PYTHON,
-            "-m",
-            "gateway.cli",
-            "sim",
-            "--profile",
-            "instant",
-            "--port",
-            str(stub_port),
-            "--model",
-            MODEL,
-        ],
-        f"http://127.0.0.1:{stub_port}/health",
-    )
-    stub_url = f"http://127.0.0.1:{stub_port}/v1"
+    stub, stub_url = start_stub()
     targets = [Target("direct", stub_url, stub, MODEL)]
     try:
         wanted = set(args.only or ["relay", "triage", "triage-cached", "litellm"])

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _processes import PYTHON, free_port, start, stop
-from overhead import MODEL, Target, run_wrk, triage_target
+from _processes import PYTHON, stop
+from overhead import Target, run_wrk, start_stub, triage_target
 
 
 def main() -> int:
@@ -32,12 +32,10 @@ def main() -> int:
     py_spy = Path(PYTHON).with_name("py-spy")
     workdir = Path(tempfile.mkdtemp(prefix="triage-profile-"))
     stacks = workdir / "stacks.txt"
-    port = free_port()
-    stub_args = ["-m", "gateway.cli", "sim", "--profile", "instant", "--model", MODEL]
-    stub = start([PYTHON, *stub_args, "--port", str(port)], f"http://127.0.0.1:{port}/health")
+    stub, stub_url = start_stub()
     gateway: Target | None = None
     try:
-        gateway = triage_target(f"http://127.0.0.1:{port}/v1", workdir, "triage", cache=False)
+        gateway = triage_target(stub_url, workdir, "triage", cache=False)
         assert gateway.process is not None
         record = ["record", "--pid", str(gateway.process.pid), "--format", "raw"]
         record += ["--output", str(stacks), "--rate", "250", "--nonblocking"]

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from _processes import PYTHON, free_port, start, stop
-from overhead import MODEL, Target, run_wrk, triage_policy
+from overhead import Target, run_wrk, start_stub, triage_policy
 
 
 def setups(stub_url: str, workdir: Path) -> list[Target]:
@@ -55,13 +55,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="triage-servers-"))
-    port = free_port()
-    stub_args = ["-m", "gateway.cli", "sim", "--profile", "instant", "--model", MODEL]
-    stub = start([PYTHON, *stub_args, "--port", str(port)], f"http://127.0.0.1:{port}/health")
+    stub, stub_url = start_stub()
     targets: list[Target] = []
     results: dict[tuple[str, bool], list[tuple[float, float]]] = {}
     try:
-        targets = setups(f"http://127.0.0.1:{port}/v1", workdir)
+        targets = setups(stub_url, workdir)
         for _ in range(args.rounds):
             for stream in (False, True):
                 for target in targets:

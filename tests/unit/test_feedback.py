@@ -15,6 +15,7 @@ from classifiers.data import read_rows
 from gateway.app import build_app
 from gateway.feedback import FeedbackLog
 from gateway.policy import FeedbackSettings
+from gateway.telemetry import RequestRecord
 from tests.unit.api.test_request import parse
 
 SECRET = "the launch code is 0000"
@@ -23,6 +24,17 @@ CHAT = {"model": "auto", "messages": [{"role": "user", "content": SECRET}], "max
 
 def rows(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def served(**fields: Any) -> RequestRecord:
+    """The record of a request the cheap tier answered."""
+    record = RequestRecord(fields.pop("request_id"), "chat")
+    defaults = {"tier": "cheap", "decided_tier": "cheap", "decision_reason": "tier"}
+    defaults |= {"model": "small", "cache": "miss", "finish_reasons": ("stop",)}
+    defaults |= {"prompt_tokens": 5, "completion_tokens": 3}
+    for name, value in {**defaults, **fields}.items():
+        setattr(record, name, value)
+    return record
 
 
 def demo_with_feedback(tmp_path: Path, **feedback: Any) -> Path:
@@ -56,21 +68,7 @@ def test_requests_through_the_gateway_are_logged_without_prompt_text(tmp_path: P
 async def test_text_rows_judged_later_are_training_rows(tmp_path: Path) -> None:
     log = tmp_path / "f.jsonl"
     feedback = FeedbackLog(FeedbackSettings(path=str(log), prompts="text", source="prod"))
-    record: Any = type("Record", (), {})()
-    vars(record).update(
-        request_id="r1",
-        tier="cheap",
-        decided_tier="cheap",
-        decision_reason="classifier",
-        difficulty=0.2,
-        model="small",
-        cache="miss",
-        status=200,
-        finish_reasons=("stop",),
-        prompt_tokens=5,
-        completion_tokens=3,
-        cost_usd=0.0,
-    )
+    record = served(request_id="r1", decision_reason="classifier", difficulty=0.2)
     feedback.write(await parse(CHAT), record)
     (row,) = rows(log)
     assert row["prompt"] == SECRET and row["request"]["messages"] == CHAT["messages"]
@@ -90,21 +88,7 @@ async def test_sample_rate(tmp_path: Path) -> None:
     draws = iter([0.1, 0.9, 0.4])
     settings = FeedbackSettings(path=str(log), sample_rate=0.5)
     feedback = FeedbackLog(settings, sample=lambda: next(draws))
-    record: Any = type("Record", (), {})()
-    vars(record).update(
-        request_id="r",
-        tier="cheap",
-        decided_tier="cheap",
-        decision_reason="tier",
-        difficulty=None,
-        model="small",
-        cache="bypass",
-        status=200,
-        finish_reasons=(),
-        prompt_tokens=1,
-        completion_tokens=1,
-        cost_usd=0.0,
-    )
+    record = served(request_id="r")
     parsed = await parse(CHAT)
     for _ in range(3):
         feedback.write(parsed, record)
