@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from starlette.types import Receive, Scope, Send
 
+from gateway.api.disconnect import cancelled_on_disconnect
 from gateway.api.errors import sse_error_event
 from gateway.errors import UpstreamUnavailable
 from gateway.shutdown import INTERRUPTED, SHUTDOWN
@@ -46,34 +47,21 @@ class EventStreamResponse:
                 await self.on_close()
 
     async def _relay_until_stopped(self, receive: Receive, send: Send) -> None:
-        """Relay in this task; a watcher cancels it when the client leaves, and the
-        shutdown deadline when the gateway must stop (then the stream ends with an error
-        event). One task beside the request's, not two."""
+        """Relay in this task until done, the client leaves, or the shutdown deadline
+        passes (then the stream ends with an error event)."""
         task = asyncio.current_task()
         assert task is not None
-        relaying, client_left = True, False
-
-        def on_disconnect(watcher: asyncio.Future[None]) -> None:
-            nonlocal client_left
-            if relaying and not watcher.cancelled() and watcher.exception() is None:
-                client_left = True
-                task.cancel()
-
-        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-        watcher.add_done_callback(on_disconnect)
-        try:
-            with SHUTDOWN.interrupts(task):
-                await self._relay(send)
-        except asyncio.CancelledError as stop:
-            ours = client_left or stop.args == (INTERRUPTED,)
-            if not ours or task.uncancel() > 0:
-                raise  # cancelled from outside: the server is tearing the request down
-            if not client_left:
-                last = sse_error_event(_SHUTTING_DOWN)
-                await send({"type": "http.response.body", "body": last, "more_body": False})
-        finally:
-            relaying = False  # a disconnect from now on is not this relay's to act on
-            watcher.cancel()
+        with cancelled_on_disconnect(receive) as watch:
+            try:
+                with SHUTDOWN.interrupts(task):
+                    await self._relay(send)
+            except asyncio.CancelledError as stop:
+                ours = watch.client_left or stop.args == (INTERRUPTED,)
+                if not ours or task.uncancel() > 0:
+                    raise  # cancelled from outside: the server is tearing the request down
+                if not watch.client_left:
+                    last = sse_error_event(_SHUTTING_DOWN)
+                    await send({"type": "http.response.body", "body": last, "more_body": False})
 
     async def _relay(self, send: Send) -> None:
         try:
@@ -81,15 +69,8 @@ class EventStreamResponse:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
-            pass  # the client went away mid-write; the watcher will see the disconnect too
+            pass  # the client went away mid-write; the disconnect watch sees it too
         finally:
             aclose = getattr(self.events, "aclose", None)
             if aclose is not None:
                 await aclose()
-
-
-async def _wait_for_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
