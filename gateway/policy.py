@@ -69,6 +69,9 @@ class ModelSpec(_Strict):
     served_name: str | None = None
     price: Price = Price()
     api_key: str | None = Field(None, repr=False)
+    # Sequences each replica runs at once (vLLM's --max-num-seqs): SLO admission knows the
+    # limit from the first request, not only once a load report has shown a queue.
+    max_num_seqs: int | None = Field(None, ge=1)
 
     @field_validator("replicas")
     @classmethod

@@ -444,9 +444,11 @@ class Pool:
         *,
         balancer: Balancer = "slo",
         settings: ReplicaSettings | None = None,
+        capacity: int | None = None,
     ) -> Pool:
+        """`capacity`: each replica's sequence slots, if known before its load reports."""
         settings = settings or ReplicaSettings()
-        replicas = [Replica(url, settings=settings) for url in urls]
+        replicas = [Replica(url, settings=settings, capacity=capacity) for url in urls]
         return cls(model, served_name or model, replicas, api_key, balancer)
 
     def pick(

@@ -88,6 +88,7 @@ async def build_runtime(
             spec.api_key,
             balancer=server.balancer,
             settings=replicas,
+            capacity=spec.max_num_seqs,
         )
         for name, spec in policy.models.items()
     }

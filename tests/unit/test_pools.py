@@ -446,3 +446,20 @@ async def test_health_checker_starts_and_stops() -> None:
     checker = HealthChecker([pool(1)], interval_s=60, timeout_s=0.01)
     checker.start()
     await checker.stop()
+
+
+def test_a_known_capacity_queues_a_burst_before_any_load_report() -> None:
+    """Without a report that shows a queue, the gateway knows no limit and predicts no wait
+    for a burst; `max_num_seqs` in the policy gives it the limit from the start."""
+
+    def third_in_line(capacity: int | None) -> float:
+        p = Pool.from_urls("m", ["http://r0:8000/v1"], None, None, capacity=capacity)
+        r = p.replicas[0]
+        r.observe(0.0, ttft_s=0.1, itl_s=0.02)
+        r.typical_events = 20
+        for _ in range(2):
+            r.begin(0.0, Progress(0.0, 20))
+        return r.predict(0.0, 20).ttft_s
+
+    assert third_in_line(None) == pytest.approx(0.1)
+    assert third_in_line(2) > 0.3  # waits for a slot: about one answer's worth
