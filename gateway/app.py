@@ -30,7 +30,7 @@ from gateway.api.schemas import RequestKind
 from gateway.api.streaming import EventStreamResponse
 from gateway.auth import ANONYMOUS, Caller, tier_forbidden
 from gateway.budgets.errors import QuotaExceeded
-from gateway.budgets.plan import NANO_PER_USD, downgrade_order, tier_price
+from gateway.budgets.plan import downgrade_order, tier_price
 from gateway.cache.plan import CACHE_HEADER
 from gateway.cache.replay import render_events, render_json
 from gateway.dispatch import SHED_CODES, Dispatched
@@ -289,12 +289,8 @@ class Gateway:
                 raise refused or tier_forbidden(exchange.caller, decision.tier)
         assert exchange.reservation is not None
         exchange.headers.update(exchange.reservation.headers())
-        for room in exchange.reservation.headroom:
-            check = room.check
-            if check.kind == "u":
-                tenant = None if check.scope == "global_tier" else exchange.caller.tenant
-                usd = room.remaining / NANO_PER_USD
-                self.telemetry.budget_remaining(tenant, check.tier, check.window, usd)
+        for tenant, tier_name, window, usd in exchange.reservation.budgets_left():
+            self.telemetry.budget_remaining(tenant, tier_name, window, usd)
         if tier != decision.tier:
             exchange.decision = runtime.router.downgraded(decision, tier)
             exchange.headers["x-triage-downgraded"] = f"{decision.tier}->{tier}"

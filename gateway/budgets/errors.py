@@ -62,26 +62,10 @@ class BudgetExceeded(QuotaExceeded):
 class RateLimitExceeded(QuotaExceeded):
     default_code = "rate_limit_exceeded"
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        scope: Scope,
-        tier: str,
-        window: str,
-        on_exhausted: OnExhausted,
-        retry_after: float,
-    ) -> None:
-        super().__init__(
-            message,
-            scope=scope,
-            tier=tier,
-            window=window,
-            on_exhausted=on_exhausted,
-            retry_after=retry_after,
-        )
-        # OpenAI names the limit that was hit in `type`: "requests" or "tokens".
-        self.error_type = "requests" if scope == "rpm" else "tokens"
+    @property
+    def error_type(self) -> str:  # type: ignore[override]
+        """OpenAI names the limit that was hit in `type`: "requests" or "tokens"."""
+        return "requests" if self.scope == "rpm" else "tokens"
 
 
 class BudgetStoreUnavailable(TriageError):

@@ -31,7 +31,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -129,6 +129,16 @@ class Reservation:
         if budget_left is not None:
             headers["x-triage-budget-remaining-usd"] = f"{budget_left / NANO_PER_USD:.6f}"
         return headers
+
+    def budgets_left(self) -> Iterator[tuple[str | None, str | None, str, float]]:
+        """(tenant, tier, window, USD left) of each USD budget it was checked against; the
+        tenant is None for a tier budget shared by all tenants, the tier None for the
+        tenant's overall one."""
+        for room in self.headroom:
+            check = room.check
+            if check.kind == "u":
+                tenant = None if check.scope == "global_tier" else self.tenant
+                yield tenant, check.tier, check.window, room.remaining / NANO_PER_USD
 
 
 @dataclass(frozen=True, slots=True)
