@@ -173,7 +173,7 @@ class Gateway:
                 forward = self._forward(runtime, exchange, headers)
                 if exchange.parsed.stream:
                     return await forward  # EventStreamResponse watches for a disconnect
-                return await unless_client_leaves(request.receive, forward)
+                return await unless_client_leaves(request.scope, request.receive, forward)
             except BaseException as error:
                 record.fail(error)
                 record.shed = isinstance(error, TriageError) and error.code in SHED_CODES
@@ -339,8 +339,9 @@ class Gateway:
             exchange.recorder.feed_body(payload)
         exchange.record.response_body = payload
         exchange.overhead_header()
-        # Commit, settle and record after the client has its answer.
-        finish = BackgroundTask(exchange.finish)
+        # Commit, settle and record after the client has its answer (and its disconnect
+        # watch has ended: nothing cancels this task now).
+        finish = BackgroundTask(exchange.finish, shielded=False)
         return Response(
             payload, headers=exchange.headers, media_type="application/json", background=finish
         )

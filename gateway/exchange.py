@@ -84,16 +84,22 @@ class Exchange:
         self.record.retries = dispatched.retries
         self.record.hedges = int(dispatched.hedged)
 
-    async def finish(self) -> None:
-        """Release, commit, settle, record; safe to call from every `finally`, runs once."""
+    async def finish(self, *, shielded: bool = True) -> None:
+        """Release, commit, settle, record; safe to call from every `finally`, runs once.
+
+        Shielded, a client disconnect cancels the relay but not this bookkeeping. That
+        costs a task; `shielded=False` is for where nothing is left to cancel the caller
+        (after a plain response is sent)."""
         if self._finished:
             return
         self._finished = True
         if self.dispatched is not None:
             # Frees the replica, and feeds its latency and outcome back to the balancer.
             self.dispatched.finish(self.outcome)
-        # Shielded: a client disconnect cancels the relay, not the bookkeeping.
-        await asyncio.shield(self._settle())
+        if shielded:
+            await asyncio.shield(self._settle())
+        else:
+            await self._settle()
 
     async def _settle(self) -> None:
         outcome, record = self.outcome, self.record

@@ -9,14 +9,48 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
-from starlette.types import Receive
+from starlette.types import Receive, Scope
 
 from gateway.errors import ClientClosedRequest
 
 _T = TypeVar("_T")
+
+EXTENSION = "triage.connection_lost"
+
+
+class ConnectionLost:
+    """A server's word that a request's connection is gone, offered in the ASGI scope as
+    `extensions[EXTENSION]["signal"]` (gateway/server.py does). With it a watch costs a
+    callback; without it, a task that waits on `receive` for `http.disconnect`."""
+
+    __slots__ = ("_callback", "_on_watch", "lost")
+
+    def __init__(self, on_watch: Callable[[], None] | None = None) -> None:
+        self.lost = False
+        self._callback: Callable[[], None] | None = None
+        self._on_watch = on_watch  # e.g. resume reading the socket, to see the close
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once when the connection is lost (at once if it already is)."""
+        if self.lost:
+            callback()
+            return
+        self._callback = callback
+        if self._on_watch is not None:
+            self._on_watch()
+
+    def unwatch(self) -> None:
+        self._callback = None
+
+    def fire(self) -> None:
+        """For the server: the connection is gone."""
+        self.lost = True
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
 
 
 class DisconnectWatch:
@@ -28,32 +62,45 @@ class DisconnectWatch:
 
 
 @contextlib.contextmanager
-def cancelled_on_disconnect(receive: Receive) -> Iterator[DisconnectWatch]:
+def cancelled_on_disconnect(scope: Scope, receive: Receive) -> Iterator[DisconnectWatch]:
     """Within the block, this task is cancelled as soon as the client disconnects (then
-    `client_left` is set). A done-callback does it: one small task waits on `receive`,
-    and the work goes on in the request's own task."""
+    `client_left` is set); the work goes on in the request's own task."""
     task = asyncio.current_task()
     assert task is not None
     watch = DisconnectWatch()
 
-    def on_disconnect(waiter: asyncio.Future[None]) -> None:
-        if watch.watching and not waiter.cancelled() and waiter.exception() is None:
+    def on_disconnect() -> None:
+        if watch.watching:
             watch.client_left = True
             task.cancel()
 
+    signal = (scope.get("extensions") or {}).get(EXTENSION, {}).get("signal")
+    if isinstance(signal, ConnectionLost):
+        signal.watch(on_disconnect)
+        try:
+            yield watch
+        finally:
+            watch.watching = False  # a disconnect from now on is not this block's to act on
+            signal.unwatch()
+        return
+
+    def on_receive_done(waiter: asyncio.Future[None]) -> None:
+        if not waiter.cancelled() and waiter.exception() is None:
+            on_disconnect()
+
     waiter = asyncio.ensure_future(_disconnected(receive))
-    waiter.add_done_callback(on_disconnect)
+    waiter.add_done_callback(on_receive_done)
     try:
         yield watch
     finally:
-        watch.watching = False  # a disconnect from now on is not this block's to act on
+        watch.watching = False
         waiter.cancel()
 
 
-async def unless_client_leaves(receive: Receive, work: Awaitable[_T]) -> _T:
+async def unless_client_leaves(scope: Scope, receive: Receive, work: Awaitable[_T]) -> _T:
     """Await `work` in this task; if the client disconnects first, cancel it and raise
     `ClientClosedRequest` (recorded as 499)."""
-    with cancelled_on_disconnect(receive) as watch:
+    with cancelled_on_disconnect(scope, receive) as watch:
         try:
             return await work
         except asyncio.CancelledError:

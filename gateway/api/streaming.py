@@ -2,7 +2,7 @@
 
 Starlette's `StreamingResponse` only notices a disconnect on ASGI 2.4 servers when the
 next write fails, so a stalled backend would keep generating for a client that is gone.
-Here a watcher task waits for `http.disconnect` and cancels the relay at once, which
+Here a disconnect watch (gateway/api/disconnect.py) cancels the relay at once, which
 closes the upstream connection: the backend sees the disconnect and frees its GPU slot.
 A stream still running at the shutdown deadline ends with an error event and `[DONE]`.
 """
@@ -41,17 +41,17 @@ class EventStreamResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            await self._relay_until_stopped(receive, send)
+            await self._relay_until_stopped(scope, receive, send)
         finally:
             if self.on_close is not None:
                 await self.on_close()
 
-    async def _relay_until_stopped(self, receive: Receive, send: Send) -> None:
+    async def _relay_until_stopped(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Relay in this task until done, the client leaves, or the shutdown deadline
         passes (then the stream ends with an error event)."""
         task = asyncio.current_task()
         assert task is not None
-        with cancelled_on_disconnect(receive) as watch:
+        with cancelled_on_disconnect(scope, receive) as watch:
             try:
                 with SHUTDOWN.interrupts(task):
                     await self._relay(send)

@@ -202,16 +202,21 @@ def test_client_disconnect_cancels_upstream(log_dir: Path, services: Services) -
     assert sim_stats(slow)["running"] == 0
 
 
+@pytest.mark.parametrize("prompt_chars", [11, 300_000])
 def test_client_timeout_on_a_plain_request_cancels_upstream(
-    log_dir: Path, services: Services
+    log_dir: Path, services: Services, prompt_chars: int
 ) -> None:
     """A non-streamed answer is sent only at the end: a client that gives up before then
-    (an SDK timeout) must free the GPU slot, not leave it generating for nobody."""
-    slow = services(start_sim(log_dir, "small", "--ttft-ms", "5", "--itl-ms", "50"))
+    (an SDK timeout) must free the GPU slot, not leave it generating for nobody. A body
+    larger than the server's read buffer must not hide the disconnect."""
+    sim_args = ["--ttft-ms", "5", "--itl-ms", "50", "--max-model-len", "1000000"]
+    slow = services(start_sim(log_dir, "small", *sim_args))
     gw = services(start_gateway(log_dir, policy_for([slow.url], [slow.url])))
     before = sim_stats(slow)["requests_cancelled"]
+    body = chat(model="cheap", max_tokens=200, ignore_eos=True)
+    body["messages"][0]["content"] = "x " * (prompt_chars // 2)
     with pytest.raises(httpx.ReadTimeout):  # 200 tokens take 10 s
-        httpx.post(gw.url + "/v1/chat/completions", json=chat(max_tokens=200), timeout=0.5)
+        httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=0.5)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and sim_stats(slow)["requests_cancelled"] == before:
         time.sleep(0.05)
