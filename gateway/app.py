@@ -30,7 +30,7 @@ from gateway.api.schemas import RequestKind
 from gateway.api.streaming import EventStreamResponse
 from gateway.auth import ANONYMOUS, Caller, tier_forbidden
 from gateway.budgets.errors import QuotaExceeded
-from gateway.budgets.plan import downgrade_order, tier_price
+from gateway.budgets.plan import downgrade_order
 from gateway.cache.plan import CACHE_HEADER
 from gateway.cache.replay import render_events, render_json
 from gateway.dispatch import SHED_CODES, Dispatched
@@ -274,7 +274,7 @@ class Gateway:
                         request_id=exchange.record.request_id,
                         caller=exchange.caller,
                         tier=tier,
-                        price=tier_price(policy, tier),
+                        price=runtime.tier_prices[tier],
                         prompt_tokens=parsed.estimated_prompt_tokens(),
                         max_tokens=parsed.max_output_tokens(),
                         choices=parsed.choices(),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gateway.auth import Authenticator
 from gateway.budgets.ledger import Ledger
+from gateway.budgets.plan import tier_price
 from gateway.cache.response_cache import ResponseCache
 from gateway.dispatch import Dispatcher, DispatchSettings, Sender, TierRules
 from gateway.feedback import FeedbackLog
@@ -49,7 +50,8 @@ class Runtime:
     health: HealthChecker
     auth: Authenticator
     cache: ResponseCache
-    prices: Mapping[str, Price]
+    prices: Mapping[str, Price]  # per model
+    tier_prices: Mapping[str, Price]  # per tier: what a reservation holds (`tier_price`)
     ledger: Ledger
     scraper: LoadScraper
     dispatcher: Dispatcher
@@ -105,13 +107,25 @@ async def build_runtime(
     await store.ping()  # connects early; on a cluster, loads the slot map
     router = Router(policy, scorer, thresholds)
     prices = {name: spec.price for name, spec in policy.models.items()}
+    tier_prices = {tier: tier_price(policy, tier) for tier in policy.tiers}
     cache = ResponseCache(store, policy.cache)
     # A reload hands over settlements still queued for a store that was down.
     ledger = Ledger(store, policy, carry_over=previous.ledger if previous else None)
     auth = Authenticator(policy)
     feedback = open_feedback_log(policy, base_dir)
     return Runtime(
-        policy, router, pools, health, auth, cache, prices, ledger, scraper, dispatcher, feedback
+        policy,
+        router,
+        pools,
+        health,
+        auth,
+        cache,
+        prices,
+        tier_prices,
+        ledger,
+        scraper,
+        dispatcher,
+        feedback,
     )
 
 

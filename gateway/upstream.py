@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,16 +53,30 @@ class Outcome:
         return int((self.usage or {}).get("completion_tokens") or 0)
 
 
-@contextlib.contextmanager
-def _converted_errors(replica: Replica) -> Iterator[None]:
-    try:
-        yield
-    except aiohttp.ClientConnectorError as exc:
-        raise ConnectFailed(f"Could not connect to a backend replica ({replica.url}).") from exc
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise UpstreamTimeout("The backend replica did not answer in time.") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"The backend replica failed: {type(exc).__name__}.") from exc
+class _ConvertedErrors:
+    """aiohttp's exceptions within the block, raised as `TriageError`s. A class, not a
+    `@contextmanager`: it wraps every send and read, and a generator costs more."""
+
+    __slots__ = ("replica",)
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc is None:
+            return
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            url = self.replica.url
+            raise ConnectFailed(f"Could not connect to a backend replica ({url}).") from exc
+        if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
+            raise UpstreamTimeout("The backend replica did not answer in time.") from exc
+        if isinstance(exc, aiohttp.ClientError):
+            raise UpstreamError(f"The backend replica failed: {type(exc).__name__}.") from exc
 
 
 class Upstream:
@@ -81,13 +95,13 @@ class Upstream:
         send_headers = {"content-type": "application/json", **headers}
         if pool.api_key:
             send_headers["authorization"] = f"Bearer {pool.api_key}"
-        with _converted_errors(replica):
+        with _ConvertedErrors(replica):
             response = await self.session.post(
                 replica.url + path, data=body, headers=send_headers, timeout=self.timeout
             )
         if response.status >= 400:
             try:
-                with _converted_errors(replica):
+                with _ConvertedErrors(replica):
                     payload = await response.read()
             finally:
                 response.close()
@@ -98,7 +112,7 @@ class Upstream:
         self, replica: Replica, response: aiohttp.ClientResponse, outcome: Outcome
     ) -> bytes:
         try:
-            with _converted_errors(replica):
+            with _ConvertedErrors(replica):
                 payload = await response.read()
         finally:
             response.release()
@@ -116,7 +130,7 @@ class Upstream:
         self, replica: Replica, response: aiohttp.ClientResponse
     ) -> AsyncGenerator[bytes, None]:
         """The response's SSE events in batches as they arrive, aiohttp's errors converted."""
-        with _converted_errors(replica):
+        with _ConvertedErrors(replica):
             async for batch in iter_event_batches(response.content):
                 yield batch
 
@@ -133,7 +147,7 @@ class Upstream:
         with an error event."""
         source = batches if batches is not None else iter_event_batches(response.content)
         try:
-            with _converted_errors(replica):
+            with _ConvertedErrors(replica):
                 async for batch in source:
                     if outcome.first_token_at is None:
                         outcome.first_token_at = time.perf_counter()
