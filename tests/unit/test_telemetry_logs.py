@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -10,7 +11,12 @@ import pytest
 
 from gateway.errors import RateLimited
 from gateway.telemetry import Telemetry, TelemetrySettings
-from gateway.telemetry.logs import REQUEST_LOGGER, JsonFormatter, configure_logging
+from gateway.telemetry.logs import (
+    REQUEST_LOGGER,
+    BatchedLineHandler,
+    JsonFormatter,
+    configure_logging,
+)
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 BODY = {"model": "auto", "messages": [{"role": "user", "content": "the secret prompt"}]}
@@ -167,3 +173,55 @@ def test_formatter_adds_fields_and_exceptions() -> None:
     assert line["a"] == 1
     assert "ValueError: boom" in line["exc"]
     assert line["ts"].endswith("Z")
+
+
+# --- batched writes ---------------------------------------------------------------------
+
+
+def batched(delay_s: float = 0.05, max_bytes: int = 1024) -> tuple[logging.Logger, io.BytesIO]:
+    stream = io.BytesIO()
+    handler = BatchedLineHandler(stream, delay_s=delay_s, max_bytes=max_bytes)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.Logger("batched-test")
+    logger.addHandler(handler)
+    return logger, stream
+
+
+def messages(stream: io.BytesIO) -> list[str]:
+    return [json.loads(line)["message"] for line in stream.getvalue().splitlines()]
+
+
+def test_without_an_event_loop_each_line_is_written_at_once() -> None:
+    logger, stream = batched()
+    logger.info("one")
+    assert messages(stream) == ["one"]
+
+
+async def test_in_the_event_loop_lines_wait_for_the_delay() -> None:
+    logger, stream = batched(delay_s=0.05)
+    logger.info("one")
+    logger.info("two")
+    assert messages(stream) == []
+    await asyncio.sleep(0.1)
+    assert messages(stream) == ["one", "two"]
+    logger.info("three")  # a new delay starts with the next line held
+    await asyncio.sleep(0.1)
+    assert messages(stream) == ["one", "two", "three"]
+
+
+async def test_a_warning_goes_out_at_once_after_the_lines_before_it() -> None:
+    logger, stream = batched(delay_s=60)
+    logger.info("request")
+    logger.warning("trouble")
+    assert messages(stream) == ["request", "trouble"]
+
+
+async def test_a_full_buffer_is_written_without_waiting() -> None:
+    logger, stream = batched(delay_s=60, max_bytes=300)
+    for n in range(5):
+        logger.info("line %d", n)
+    written = messages(stream)
+    assert 0 < len(written) < 5  # ~100 bytes a line: the buffer filled once
+    for handler in logger.handlers:
+        handler.flush()
+    assert messages(stream) == [f"line {n}" for n in range(5)]
