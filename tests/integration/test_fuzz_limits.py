@@ -263,6 +263,36 @@ def test_headers_within_the_limit_are_served(gateway: Service) -> None:
     assert response.status_code == 200, response.text[:300]
 
 
+def test_pipelined_requests_are_answered_in_order(gateway: Service) -> None:
+    """Requests sent back to back on one connection (HTTP/1.1 pipelining) each get their own
+    answer, in order: the server's per-request connection signals must not cross."""
+    first = orjson.dumps(chat_body(messages=[{"role": "user", "content": "first"}]))
+    second = orjson.dumps(chat_body(messages=[{"role": "user", "content": "second"}]))
+    health = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+    pipeline = request_head(b"", first) + first + request_head(b"", second) + second + health
+    host, port = gateway.url.removeprefix("http://").split(":")
+    answers: list[tuple[int, bytes]] = []
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(pipeline)
+        received = b""
+        while len(answers) < 3:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {len(answers)} answers"
+            received += chunk
+            while b"\r\n\r\n" in received:
+                head, _, rest = received.partition(b"\r\n\r\n")
+                length = _content_length(head + b"\r\n\r\n")
+                assert length is not None, head
+                if len(rest) < length:
+                    break
+                answers.append((status_of(head), rest[:length]))
+                received = rest[length:]
+    assert [status for status, _ in answers] == [200, 200, 200]
+    objects = [orjson.loads(body).get("object") for _, body in answers]
+    assert objects == ["chat.completion", "chat.completion", None]
+    assert orjson.loads(answers[2][1]) == {"status": "ok"}
+
+
 # --- slow and idle clients -----------------------------------------------------------------
 
 
