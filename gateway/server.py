@@ -4,7 +4,8 @@ uvicorn's httptools protocol accepts headers of any size and count, and waits as
 a client likes for the rest of a request: a few hundred slow clients pin as many sockets
 and coroutines. Its server also re-raises the SIGTERM it handled once it has drained, so a
 clean shutdown exits with -15. This module adds a header limit (431), a deadline to read
-each request (408), the shutdown deadline streams watch, and exit status 0. It also tells
+each request (408), the shutdown deadline streams watch (in worker processes too), and exit
+status 0. It also tells
 each request when its connection is lost (`ConnectionLost`), which saves the request a
 task that would wait on `receive` for it.
 """
@@ -15,6 +16,7 @@ import asyncio
 import collections
 import functools
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -158,15 +160,38 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-class GatewayServer(uvicorn.Server):
-    """Starts the stream shutdown deadline on SIGTERM/SIGINT."""
+def start_deadline_on_exit_signals() -> None:
+    """From now on, when the uvicorn server running this app is told to exit (SIGTERM,
+    SIGINT), start the streams' shutdown deadline first (`gateway.shutdown`).
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self.should_exit:
-            grace = self.config.timeout_graceful_shutdown
-            if grace is not None:
-                SHUTDOWN.start(asyncio.get_event_loop(), stream_deadline(grace))
-        super().handle_exit(sig, frame)
+    Called from the app's lifespan, inside the server: it wraps the handlers the server
+    installed, so it works the same in the worker processes of `--workers N`, where
+    uvicorn runs a plain `uvicorn.Server`. Where no uvicorn server handles the signals
+    (tests, other servers) it does nothing.
+    """
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(sig)
+        server = getattr(handler, "__self__", None)
+        if not isinstance(server, uvicorn.Server) or not callable(handler):
+            continue
+        grace = server.config.timeout_graceful_shutdown
+        if grace is not None:
+            wrapped = functools.partial(_deadline_then, handler, server, loop, grace)
+            signal.signal(sig, wrapped)
+
+
+def _deadline_then(
+    handler: Callable[[int, FrameType | None], Any],
+    server: uvicorn.Server,
+    loop: asyncio.AbstractEventLoop,
+    grace_s: float,
+    sig: int,
+    frame: FrameType | None,
+) -> None:
+    if not server.should_exit:
+        SHUTDOWN.start(loop, stream_deadline(grace_s))
+    handler(sig, frame)
 
 
 def serve(
@@ -200,4 +225,4 @@ def serve(
     if workers > 1:
         Multiprocess(config, sockets=[config.bind_socket()]).run()
         return
-    GatewayServer(config).run()
+    uvicorn.Server(config).run()

@@ -51,13 +51,13 @@ def shutdown_policy(sim: Service, redis_url: str, prefix: str) -> dict[str, Any]
 
 
 def start_gateway_with_grace(
-    log_dir: Path, policy: dict[str, Any], grace_s: int
+    log_dir: Path, policy: dict[str, Any], grace_s: int, workers: int = 1
 ) -> tuple[Service, Path]:
     port = free_port()
     path = log_dir / f"policy-{port}.yaml"
     path.write_text(yaml.safe_dump(policy, sort_keys=False))
     args = [*TRIAGE, "serve", "--policy", str(path), "--port", str(port)]
-    args += ["--timeout-graceful-shutdown", str(grace_s)]
+    args += ["--timeout-graceful-shutdown", str(grace_s), "--workers", str(workers)]
     root = f"http://127.0.0.1:{port}"
     return start_service(f"gateway-{port}", args, root + "/healthz", root, log_dir), path
 
@@ -160,12 +160,15 @@ def test_sigterm_exits_zero(log_dir: Path, slow: Service, redis_server: RedisSer
     assert code == 0, f"exit status {code}\n{gateway.output()[-1500:]}"
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_stream_still_running_at_the_deadline_ends_with_an_error_event(
-    log_dir: Path, slow: Service, redis_server: RedisServer
+    log_dir: Path, slow: Service, redis_server: RedisServer, workers: int
 ) -> None:
+    """With `--workers 2` the stream is served by a worker process, where uvicorn runs its
+    own server class: the deadline must start there too."""
     prefix = f"deadline-{uuid.uuid4().hex[:8]}:"
     gateway, path = start_gateway_with_grace(
-        log_dir, shutdown_policy(slow, redis_server.url, prefix), grace_s=1
+        log_dir, shutdown_policy(slow, redis_server.url, prefix), grace_s=1, workers=workers
     )
     lines: list[str] = []
     try:
