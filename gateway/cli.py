@@ -99,6 +99,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level)
     os.environ["TRIAGE_POLICY"] = args.policy  # read by gateway.asgi in each worker process
+    if args.log_level:
+        os.environ["TRIAGE_LOG_LEVEL"] = args.log_level  # and this
     if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # Workers write their metrics to files here, so one scrape sees all of them.
         import tempfile

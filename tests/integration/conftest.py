@@ -71,12 +71,12 @@ def start_sim_pair(log_dir: Path, services: Services, *flags: str) -> SimPair:
 
 
 def start_gateway(
-    log_dir: Path, policy: dict[str, Any], env: dict[str, str] | None = None
+    log_dir: Path, policy: dict[str, Any], env: dict[str, str] | None = None, workers: int = 1
 ) -> Service:
     port = free_port()
     path = log_dir / f"policy-{port}.yaml"
     path.write_text(yaml.safe_dump(policy, sort_keys=False))
-    args = [*TRIAGE, "serve", "--policy", str(path), "--port", str(port)]
+    args = [*TRIAGE, "serve", "--policy", str(path), "--port", str(port), "--workers", str(workers)]
     root = f"http://127.0.0.1:{port}"
     service = start_service(f"gateway-{port}", args, root + "/healthz", root, log_dir, env)
     service.config = path

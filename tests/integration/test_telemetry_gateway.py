@@ -398,3 +398,15 @@ def test_log_lines_of_a_stream_a_hit_and_a_refusal(gateway: Service) -> None:
     (line,) = request_lines(gateway, refused.headers["x-triage-request-id"])
     assert (line["status"], line["tenant"], line["cost_usd"]) == (429, "team-poor", 0)
     assert line["error_code"]
+
+
+def test_each_worker_writes_its_request_lines(
+    log_dir: Path, services: Services, sims: dict[str, list[Service]]
+) -> None:
+    """Worker processes are fresh interpreters: each must set up the JSON log itself."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ""}
+    workers = services(start_gateway(log_dir, telemetry_policy(sims), env, workers=2))
+    ids = [ask(workers).headers["x-triage-request-id"] for _ in range(6)]
+    for request_id in ids:
+        (line,) = request_lines(workers, request_id)
+        assert line["status"] == 200
