@@ -7,6 +7,7 @@ import contextlib
 import gc
 import hmac
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -53,6 +54,8 @@ from gateway.telemetry import RequestRecord, Telemetry
 from gateway.upstream import Upstream, close_session, finish_reasons, new_session
 
 logger = logging.getLogger("triage")
+
+SUPERVISOR_PID = "TRIAGE_SUPERVISOR_PID"  # set by `triage serve --workers N` for its workers
 
 FORWARDED_HEADERS = ("traceparent", "tracestate")
 
@@ -384,11 +387,17 @@ class Gateway:
         return JSONResponse({"ready": ready, "tiers": tiers}, status_code=200 if ready else 503)
 
     async def admin_reload(self, request: Request) -> Response:
+        """Reload this process's policy. Under `--workers N` the request reaches one worker:
+        once the policy has loaded there, the supervisor is asked (SIGHUP) to replace every
+        worker, each new one starting on the new policy, so no worker keeps the old one."""
         self._check_admin(request)
         errors = await self.reload()
         if errors:
             return JSONResponse({"reloaded": False, "errors": errors}, status_code=400)
-        return JSONResponse({"reloaded": True})
+        supervisor = os.environ.get(SUPERVISOR_PID)
+        if supervisor is not None:
+            os.kill(int(supervisor), signal.SIGHUP)
+        return JSONResponse({"reloaded": True, "workers_restarting": supervisor is not None})
 
     async def admin_cache_delete(self, request: Request) -> Response:
         """`DELETE /admin/cache?tenant=T&model=M`: either, both, or neither (everything)."""

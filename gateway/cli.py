@@ -107,7 +107,11 @@ def _serve(args: argparse.Namespace) -> int:
 
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="triage-metrics-")
     if args.workers > 1:
+        from gateway.app import SUPERVISOR_PID
         from gateway.telemetry.metrics import reset_multiprocess_dir
+
+        # A worker that reloads the policy asks this process to restart all of them.
+        os.environ[SUPERVISOR_PID] = str(os.getpid())
 
         reset_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     listener = policy.server

@@ -77,7 +77,7 @@ def test_reload_applies_new_policy_and_rejects_invalid_one(
     assert tier_of_next_request(gateway) == "cheap"
 
     write(gateway, make_policy(sim, "large"))
-    assert reload(gateway).json() == {"reloaded": True}
+    assert reload(gateway).json() == {"reloaded": True, "workers_restarting": False}
     assert tier_of_next_request(gateway) == "large"
 
     broken = make_policy(sim, "cheap")
@@ -131,3 +131,25 @@ def test_in_flight_stream_survives_reload(
     assert headers["x-triage-tier"] == "cheap"
     assert lines[-1] == "data: [DONE]"
     assert sum(1 for line in lines if '"content"' in line) >= 40
+
+
+def test_reload_reaches_every_worker(
+    log_dir: Path, services: Callable[[Service], Service], sim: tuple[Service, Service]
+) -> None:
+    """Under `--workers 2` the reload request reaches one worker; the supervisor then
+    replaces every worker, so none keeps serving the old policy."""
+    gateway = services(start_gateway(log_dir, make_policy(sim, "cheap"), workers=2))
+    assert {tier_of_next_request(gateway) for _ in range(10)} == {"cheap"}
+    write(gateway, make_policy(sim, "large"))
+    response = reload(gateway)
+    assert response.json() == {"reloaded": True, "workers_restarting": True}
+    deadline = time.monotonic() + 30
+    tiers: list[str] = []
+    while time.monotonic() < deadline:
+        tiers = [tier_of_next_request(gateway) for _ in range(10)]
+        if set(tiers) == {"large"}:
+            break
+        time.sleep(0.2)
+    time.sleep(1)  # and it stays so once the restart is over
+    tiers += [tier_of_next_request(gateway) for _ in range(30)]
+    assert set(tiers) == {"large"}, tiers
