@@ -94,6 +94,15 @@ def _serve(args: argparse.Namespace) -> int:
     policy = _load_or_report(args.policy)
     if policy is None:
         return 1
+    if args.workers > 1 and policy.store.redis_url is None and policy.has_quotas:
+        # Each worker would hold its own spend and rate windows: N times every budget.
+        print(
+            f"{args.policy}: --workers {args.workers} needs store.redis_url: the in-process "
+            "store is per worker, so budgets and rate limits would each be counted "
+            f"{args.workers} times over. Set store.redis_url, or serve with one worker.",
+            file=sys.stderr,
+        )
+        return 2
     from gateway.server import ConnectionLimits, serve
     from gateway.telemetry.logs import configure_logging
 

@@ -315,6 +315,13 @@ class Policy(_Strict):
     def default_tier(self) -> str:
         return self.routing.default_tier or next(iter(self.tiers))
 
+    @property
+    def has_quotas(self) -> bool:
+        """Budgets or rate limits anywhere: state that is only right if every gateway
+        process shares it (a Redis store)."""
+        tenants = [*self.tenants.values(), *([self.auth.anonymous] if self.auth.anonymous else [])]
+        return bool(self.budgets.tiers) or any(t.budget or t.limits for t in tenants)
+
     def tier_of_model(self, model: str) -> str:
         return next(name for name, tier in self.tiers.items() if model in tier.models)
 

@@ -44,3 +44,15 @@ def test_key_new_prints_key_and_its_hash(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["key", "new"]) == 0
     lines = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
     assert hash_key(lines["key"].strip()) == lines["hash"].strip()
+
+
+def test_workers_with_quotas_need_a_shared_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Budgets and rate limits kept per worker would be counted N times over: refused."""
+    policy = yaml.safe_load((ROOT / "policies/demo.yaml").read_text())
+    policy["auth"] = {"anonymous": {"limits": {"rpm": 60}}}
+    path = tmp_path / "quotas.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    assert main(["serve", "--policy", str(path), "--workers", "2"]) == 2
+    assert "store.redis_url" in capsys.readouterr().err
