@@ -109,7 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     os.environ["TRIAGE_POLICY"] = args.policy  # read by gateway.asgi in each worker process
     if args.log_level:
-        os.environ["TRIAGE_LOG_LEVEL"] = args.log_level  # and this
+        os.environ["TRIAGE_LOG_LEVEL"] = args.log_level  # read by gateway.asgi too
     if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # Workers write their metrics to files here, so one scrape sees all of them.
         import tempfile
@@ -121,7 +121,6 @@ def _serve(args: argparse.Namespace) -> int:
 
         # A worker that reloads the policy asks this process to restart all of them.
         os.environ[SUPERVISOR_PID] = str(os.getpid())
-
         reset_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     listener = policy.server
     serve(
