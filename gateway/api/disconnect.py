@@ -74,27 +74,24 @@ def cancelled_on_disconnect(scope: Scope, receive: Receive) -> Iterator[Disconne
             watch.client_left = True
             task.cancel()
 
-    signal = (scope.get("extensions") or {}).get(EXTENSION, {}).get("signal")
-    if isinstance(signal, ConnectionLost):
-        signal.watch(on_disconnect)
-        try:
-            yield watch
-        finally:
-            watch.watching = False  # a disconnect from now on is not this block's to act on
-            signal.unwatch()
-        return
-
     def on_receive_done(waiter: asyncio.Future[None]) -> None:
         if not waiter.cancelled() and waiter.exception() is None:
             on_disconnect()
 
-    waiter = asyncio.ensure_future(_disconnected(receive))
-    waiter.add_done_callback(on_receive_done)
+    stop_watching: Callable[[], object]
+    signal = (scope.get("extensions") or {}).get(EXTENSION, {}).get("signal")
+    if isinstance(signal, ConnectionLost):
+        signal.watch(on_disconnect)
+        stop_watching = signal.unwatch
+    else:
+        waiter = asyncio.ensure_future(_disconnected(receive))
+        waiter.add_done_callback(on_receive_done)
+        stop_watching = waiter.cancel
     try:
         yield watch
     finally:
-        watch.watching = False
-        waiter.cancel()
+        watch.watching = False  # a disconnect from now on is not this block's to act on
+        stop_watching()
 
 
 async def unless_client_leaves(scope: Scope, receive: Receive, work: Awaitable[_T]) -> _T:
