@@ -369,6 +369,13 @@ TEMPLATE_CHECKS = {
         "minReplicas must not exceed maxReplicas",
     ),
     "route without gateway": ({"httpRoute": {"enabled": True}}, "httpRoute.parentRefs"),
+    "quotas on two pods without redis": (
+        {
+            "policy": "version: 1\nmodels: {}\ntiers: {}\n"
+            "auth: {anonymous: {limits: {rpm: 60}}}\nstore: {redis_url: '${REDIS_URL:-}'}\n"
+        },
+        "budgets or rate limits with more than one gateway process",
+    ),
 }
 
 
@@ -542,3 +549,14 @@ def test_image_matches_what_the_chart_expects(chart: Any) -> None:
     context = set((ROOT / ".dockerignore").read_text().split())
     copied = {"!pyproject.toml", "!README.md", "!gateway/", "!classifiers/", "!policies/demo.yaml"}
     assert copied <= context
+
+
+def test_quotas_without_redis_render_on_one_process_or_with_redis(chart: Any) -> None:
+    policy = (
+        "version: 1\nmodels: {}\ntiers: {}\nauth: {anonymous: {limits: {rpm: 60}}}\n"
+        "store: {redis_url: '${REDIS_URL:-}'}\n"
+    )
+    one_pod = {"policy": policy, "replicaCount": 1}
+    assert render(chart, one_pod).gateway is not None
+    with_redis = {"policy": policy, "redis": {"enabled": True}}
+    assert render(chart, with_redis).gateway is not None

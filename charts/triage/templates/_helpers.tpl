@@ -138,6 +138,19 @@ newline (as the ConfigMap's block scalar stores it, so the checksum is of the ex
 {{- if and (include "triage.redisConfigured" .) (not (contains "${REDIS_URL" (toString ($store.redis_url | default "")))) }}
 {{- fail "policy.store.redis_url: redis is configured but the policy does not use it; add `store: {redis_url: ${REDIS_URL}}`" }}
 {{- end }}
+{{- $quotas := not (empty (($policy.budgets | default dict).tiers)) }}
+{{- $tenants := values ($policy.tenants | default dict) }}
+{{- with ($policy.auth | default dict).anonymous }}{{ $tenants = append $tenants . }}{{ end }}
+{{- range $tenants }}
+{{- $tenant := . | default dict }}
+{{- if or $tenant.budget $tenant.limits }}{{ $quotas = true }}{{ end }}
+{{- end }}
+{{- $processes := or $v.autoscaling.enabled (gt (int $v.replicaCount) 1) (gt (int $v.gateway.workers) 1) }}
+{{- $storeUrl := toString ($store.redis_url | default "") }}
+{{- $embedded := or (not $storeUrl) (and (hasPrefix "${REDIS_URL" $storeUrl) (not (include "triage.redisConfigured" .))) }}
+{{- if and $quotas $processes $embedded }}
+{{- fail "policy: budgets or rate limits with more than one gateway process (replicaCount, autoscaling or gateway.workers) need Redis: without it each process counts them on its own, so a tenant could spend its budget once per process. Configure redis (url, existingSecret or enabled), or run one process" }}
+{{- end }}
 {{- if not (or $v.secrets.existingSecret $v.extraEnvFrom) }}
 {{- $provided := keys $v.secrets.env }}
 {{- if include "triage.redisConfigured" . }}{{ $provided = append $provided "REDIS_URL" }}{{ end }}
