@@ -5,9 +5,8 @@ a client likes for the rest of a request: a few hundred slow clients pin as many
 and coroutines. Its server also re-raises the SIGTERM it handled once it has drained, so a
 clean shutdown exits with -15. This module adds a header limit (431), a deadline to read
 each request (408), the shutdown deadline streams watch (in worker processes too), and exit
-status 0. It also tells
-each request when its connection is lost (`ConnectionLost`), which saves the request a
-task that would wait on `receive` for it.
+status 0. It also tells each request when its connection is lost (`ConnectionLost`), which
+saves the request a task that would wait on `receive` for it.
 """
 
 from __future__ import annotations
