@@ -82,7 +82,7 @@ class Telemetry:
 
         Every record started must be finished: the in-flight gauge counts the difference.
         """
-        self.metrics.in_flight.inc()
+        self.metrics.in_flight.add()
         if self.tracing is None:
             trace_id = trace_id_from_traceparent(headers.get("traceparent"))
             return RequestRecord(request_id, operation, trace_id=trace_id)
@@ -94,7 +94,7 @@ class Telemetry:
         if record.ended_at is not None:
             return
         record.ended_at = time.perf_counter()
-        self.metrics.in_flight.dec()
+        self.metrics.in_flight.add(amount=-1)
         self.metrics.observe(record)
         record.trace.close(record, self._capture_content)
         if self._log_requests and _request_log.isEnabledFor(logging.INFO):
@@ -116,6 +116,7 @@ class Telemetry:
     async def metrics_endpoint(self, request: Request) -> Response:
         """`GET /metrics`: Prometheus text, or OpenMetrics if the scraper asks for it."""
         accept = request.headers.get("accept", "")
+        self.metrics.flush()
         if self.metrics.multiprocess_dir is None:
             body, content_type = self.metrics.scrape(accept)
         else:  # reads every worker's files from disk: keep it off the event loop

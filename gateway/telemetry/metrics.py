@@ -1,11 +1,13 @@
 """Prometheus metrics: definitions, the per-request update, replica gauges, the scrape.
 
-Each app has its own `CollectorRegistry` (several apps can share a test process). With
-`PROMETHEUS_MULTIPROC_DIR` set, values live in prometheus-client's shared files and a
-scrape merges every worker's; replica gauges are then copied into those files once a
-second instead of being read at scrape time, so a scrape sees all workers' in-flight
-counts. Labels are bounded: tiers, models, replicas and tenants come from the policy
-(an unknown tenant is counted as "other"), and nothing per request becomes a label.
+Each app has its own `CollectorRegistry` (several apps can share a test process). The
+request path's updates are buffered (`buffered.py`) and reach the registry at each
+scrape. With `PROMETHEUS_MULTIPROC_DIR` set, values live in prometheus-client's shared
+files and a scrape merges every worker's: each worker then flushes its buffers, and
+copies its replica gauges into those files, once a second, so a scrape sees all
+workers' counts up to a second late. Labels are bounded: tiers, models, replicas and
+tenants come from the policy (an unknown tenant is counted as "other"), and nothing per
+request becomes a label.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from gateway.pools import Pool
+from gateway.telemetry.buffered import BufferedCounter, BufferedHistogram
 from gateway.telemetry.record import RequestRecord
 from gateway.telemetry.tracing import OPERATION_NAMES
 
@@ -94,13 +97,15 @@ class Metrics:
         self._sampler: asyncio.Task[None] | None = None
         self._policy_collector = _PolicyCollector(self, replicas=multiprocess_dir is None)
         r = self.registry
-        self.in_flight = Gauge(
-            "triage_requests_in_flight",
-            "Requests the gateway is working on (started, not yet finished).",
-            multiprocess_mode="livesum",
-            registry=r,
+        self.in_flight = BufferedCounter(
+            Gauge(
+                "triage_requests_in_flight",
+                "Requests the gateway is working on (started, not yet finished).",
+                multiprocess_mode="livesum",
+                registry=r,
+            )
         )
-        self.requests = _Labeled(
+        self.requests = BufferedCounter(
             Counter(
                 "triage_requests",
                 "Requests answered, by tier, model, tenant, HTTP status and cache result.",
@@ -108,7 +113,7 @@ class Metrics:
                 registry=r,
             )
         )
-        self.tokens = _Labeled(
+        self.tokens = BufferedCounter(
             Counter(
                 "triage_tokens",
                 "Tokens processed by the backends, by tenant, tier, model and type (input/output).",
@@ -116,7 +121,7 @@ class Metrics:
                 registry=r,
             )
         )
-        self.cost = _Labeled(
+        self.cost = BufferedCounter(
             Counter(
                 "triage_cost_usd",
                 "Backend cost in USD at the policy's prices, by tenant, tier and model.",
@@ -124,7 +129,7 @@ class Metrics:
                 registry=r,
             )
         )
-        self.saved = _Labeled(
+        self.saved = BufferedCounter(
             Counter(
                 "triage_cache_saved_usd",
                 "USD not spent because the cache answered, by tenant and tier.",
@@ -132,7 +137,7 @@ class Metrics:
                 registry=r,
             )
         )
-        self.token_usage = _Labeled(
+        self.token_usage = BufferedHistogram(
             Histogram(
                 "gen_ai_client_token_usage",
                 "Tokens per backend call (OpenTelemetry GenAI gen_ai.client.token.usage).",
@@ -141,7 +146,7 @@ class Metrics:
                 registry=r,
             )
         )
-        self.ttft = _Labeled(
+        self.ttft = BufferedHistogram(
             Histogram(
                 "gen_ai_server_time_to_first_token_seconds",
                 "Streams: arrival to the first token sent (gen_ai.server.time_to_first_token).",
@@ -150,7 +155,7 @@ class Metrics:
                 registry=r,
             )
         )
-        self.inter_token = _Labeled(
+        self.inter_token = BufferedHistogram(
             Histogram(
                 "gen_ai_server_time_per_output_token_seconds",
                 "Streams: mean time per output token after the first "
@@ -160,7 +165,7 @@ class Metrics:
                 registry=r,
             )
         )
-        self.duration = _Labeled(
+        self.duration = BufferedHistogram(
             Histogram(
                 "gen_ai_server_request_duration_seconds",
                 "Successful requests: arrival to last byte (gen_ai.server.request.duration).",
@@ -169,7 +174,7 @@ class Metrics:
                 registry=r,
             )
         )
-        self.slo = _Labeled(
+        self.slo = BufferedCounter(
             Counter(
                 "triage_slo_requests",
                 "Requests judged against their tier's SLO: met, ttft_missed, e2e_missed or error.",
@@ -177,7 +182,7 @@ class Metrics:
                 registry=r,
             )
         )
-        self.decisions = _Labeled(
+        self.decisions = BufferedCounter(
             Counter(
                 "triage_routing_decisions",
                 "Routing decisions by chosen tier and reason (model, tier, header, rule:N, "
@@ -186,13 +191,15 @@ class Metrics:
                 registry=r,
             )
         )
-        self.classifier_score = Histogram(
-            "triage_classifier_score",
-            "Difficulty scores the classifier gave (0 easy .. 1 hard).",
-            buckets=_SCORE_BUCKETS,
-            registry=r,
+        self.classifier_score = BufferedHistogram(
+            Histogram(
+                "triage_classifier_score",
+                "Difficulty scores the classifier gave (0 easy .. 1 hard).",
+                buckets=_SCORE_BUCKETS,
+                registry=r,
+            )
         )
-        self.reroutes = _Labeled(
+        self.reroutes = BufferedCounter(
             Counter(
                 "triage_tier_reroutes",
                 "Requests served by another tier than the router chose (reason: fallback, budget).",
@@ -200,18 +207,18 @@ class Metrics:
                 registry=r,
             )
         )
-        self.retries = _Labeled(
+        self.retries = BufferedCounter(
             Counter("triage_retries", "Upstream retries, by tier.", ("tier",), registry=r)
         )
-        self.hedges = _Labeled(
+        self.hedges = BufferedCounter(
             Counter("triage_hedges", "Hedged upstream requests, by tier.", ("tier",), registry=r)
         )
-        self.shed = _Labeled(
+        self.shed = BufferedCounter(
             Counter(
                 "triage_requests_shed", "Requests shed by admission control.", ("tier",), registry=r
             )
         )
-        self.upstream_requests = _Labeled(
+        self.upstream_requests = BufferedCounter(
             Counter(
                 "triage_upstream_requests",
                 "Requests each replica served, by HTTP status the client saw.",
@@ -219,7 +226,7 @@ class Metrics:
                 registry=r,
             )
         )
-        self.upstream_duration = _Labeled(
+        self.upstream_duration = BufferedHistogram(
             Histogram(
                 "triage_upstream_duration_seconds",
                 "Successful requests per replica: arrival to last byte.",
@@ -255,41 +262,46 @@ class Metrics:
             )
             name, documentation, labels = _REPLICA_EJECTIONS
             self._replica_ejections = _Labeled(Counter(name, documentation, labels, registry=r))
+        self._buffered = tuple(
+            metric
+            for metric in vars(self).values()
+            if isinstance(metric, BufferedCounter | BufferedHistogram)
+        )
 
     # --- per request -----------------------------------------------------------------------
 
     def observe(self, record: RequestRecord) -> None:
         tenant = self.tenant_label(record.tenant)
         tier, model, status = record.tier or NONE, record.model or NONE, str(record.status)
-        self.requests(tier, model, tenant, status, record.cache).inc()
+        self.requests.add((tier, model, tenant, status, record.cache))
         if record.decided_tier is not None and record.decision_reason is not None:
-            self.decisions(record.decided_tier, record.decision_reason).inc()
+            self.decisions.add((record.decided_tier, record.decision_reason))
             if record.tier is not None and record.tier != record.decided_tier:
                 reason = "budget" if record.budget_downgraded else "fallback"
-                self.reroutes(record.decided_tier, record.tier, reason).inc()
+                self.reroutes.add((record.decided_tier, record.tier, reason))
         if record.difficulty is not None:
-            self.classifier_score.observe(record.difficulty)
+            self.classifier_score.observe((), record.difficulty)
         if record.retries:
-            self.retries(tier).inc(record.retries)
+            self.retries.add((tier,), record.retries)
         if record.hedges:
-            self.hedges(tier).inc(record.hedges)
+            self.hedges.add((tier,), record.hedges)
         if record.shed:
-            self.shed(tier).inc()
+            self.shed.add((tier,))
         if record.cache == "hit":
             if record.saved_usd:
-                self.saved(tenant, tier).inc(record.saved_usd)
+                self.saved.add((tenant, tier), record.saved_usd)
             return  # no backend work, and not the tier's latency
         if record.model is not None:
             self._observe_usage(record, tenant, tier, record.model)
         if record.replica is not None and record.model is not None:
-            self.upstream_requests(record.model, record.replica, status).inc()
+            self.upstream_requests.add((record.model, record.replica, status))
         if record.status < 400 and record.model is not None:
             self._observe_latency(record, tier, record.model)
         slo = self._bound.slos.get(tier)
         if slo is not None:
             result = _slo_result(record, slo)
             if result is not None:
-                self.slo(tier, result).inc()
+                self.slo.add((tier, result))
 
     def tenant_label(self, tenant: str | None) -> str:
         """The tenant as a label value: "none" before auth, "other" if the policy lacks it."""
@@ -302,22 +314,27 @@ class Metrics:
         operation = OPERATION_NAMES.get(record.operation, record.operation)
         for kind, count in (("input", record.prompt_tokens), ("output", record.completion_tokens)):
             if count:
-                self.tokens(tenant, tier, model, kind).inc(count)
-                self.token_usage(operation, model, tier, kind).observe(count)
+                self.tokens.add((tenant, tier, model, kind), count)
+                self.token_usage.observe((operation, model, tier, kind), count)
         if record.cost_usd:
-            self.cost(tenant, tier, model).inc(record.cost_usd)
+            self.cost.add((tenant, tier, model), record.cost_usd)
 
     def _observe_latency(self, record: RequestRecord, tier: str, model: str) -> None:
         operation = OPERATION_NAMES.get(record.operation, record.operation)
         e2e = record.e2e_s
         if e2e is not None:
-            self.duration(operation, model, tier).observe(e2e)
+            self.duration.observe((operation, model, tier), e2e)
             if record.replica is not None:
-                self.upstream_duration(model, record.replica).observe(e2e)
+                self.upstream_duration.observe((model, record.replica), e2e)
         if record.stream and (ttft := record.ttft_s) is not None:
-            self.ttft(operation, model, tier).observe(ttft)
+            self.ttft.observe((operation, model, tier), ttft)
         if (inter_token := record.inter_token_s) is not None:
-            self.inter_token(operation, model, tier).observe(inter_token)
+            self.inter_token.observe((operation, model, tier), inter_token)
+
+    def flush(self) -> None:
+        """Hand the request path's buffered updates to prometheus-client's metrics."""
+        for buffered in self._buffered:
+            buffered.flush()
 
     # --- outside the request path ----------------------------------------------------------
 
@@ -357,6 +374,7 @@ class Metrics:
         while True:
             await asyncio.sleep(_REPLICA_SAMPLE_INTERVAL_S)
             self.sample_replicas()
+            self.flush()
 
     async def close(self) -> None:
         if self._sampler is not None:
@@ -364,9 +382,12 @@ class Metrics:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sampler
             self._sampler = None
+        self.flush()
 
     def scrape(self, accept: str) -> tuple[bytes, str]:
-        """The exposition body for a scrape, in the format the `Accept` header asks for."""
+        """The exposition body for a scrape, in the format the `Accept` header asks for.
+
+        Call `flush` first, on the event loop: it is the buffers' only writer."""
         encoder, content_type = choose_encoder(accept)
         if self.multiprocess_dir is None:
             return encoder(self.registry), content_type

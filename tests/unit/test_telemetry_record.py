@@ -78,5 +78,6 @@ def test_start_uses_the_shared_noop_trace_and_finish_is_idempotent() -> None:
     ended = record.ended_at
     telemetry.finish(record)
     assert record.ended_at == ended
+    telemetry.metrics.flush()
     families = telemetry.metrics.requests.metric.collect()
     assert sum(s.value for f in families for s in f.samples if s.name.endswith("_total")) == 1
