@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from starlette.types import Receive, Scope, Send
 
-from gateway.api.disconnect import cancelled_on_disconnect
+from gateway.api.disconnect import DisconnectWatch
 from gateway.api.errors import sse_error_event
 from gateway.errors import UpstreamUnavailable
 from gateway.shutdown import INTERRUPTED, SHUTDOWN
@@ -51,7 +51,7 @@ class EventStreamResponse:
         passes (then the stream ends with an error event)."""
         task = asyncio.current_task()
         assert task is not None
-        with cancelled_on_disconnect(scope, receive) as watch:
+        with DisconnectWatch(scope, receive) as watch:
             try:
                 with SHUTDOWN.interrupts(task):
                     await self._relay(send)
