@@ -146,3 +146,18 @@ async def test_too_many_messages_is_refused_before_validating_them() -> None:
     with pytest.raises(InvalidRequest, match=f"at most {MAX_MESSAGES}") as caught:
         await parse({**CHAT, "messages": junk})
     assert caught.value.param == "messages"
+
+
+async def test_a_body_in_chunks_is_read_whole_and_a_client_leaving_midway_is_refused() -> None:
+    raw = orjson.dumps({**CHAT, "pad": "x" * 5000})
+    parsed = await read_request(request_with(raw, chunks=7), "chat", 1 << 20)
+    assert parsed.body["pad"] == "x" * 5000
+    first = {"type": "http.request", "body": raw[:100], "more_body": True}
+    messages: list[dict[str, Any]] = [first, {"type": "http.disconnect"}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    scope = {"type": "http", "method": "POST", "headers": [], "path": "/"}
+    with pytest.raises(InvalidRequest, match="disconnected"):
+        await read_request(Request(scope, receive), "chat", 1 << 20)
