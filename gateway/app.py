@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import hmac
 import logging
@@ -16,16 +17,16 @@ from typing import Any
 
 import aiohttp
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.api.disconnect import unless_client_leaves
 from gateway.api.errors import error_response
 from gateway.api.openapi import openapi_document
+from gateway.api.reply import EVENT_STREAM, JSON, Reply
 from gateway.api.request import ParsedRequest, read_request
 from gateway.api.schemas import RequestKind
 from gateway.api.streaming import EventStreamResponse
@@ -152,16 +153,16 @@ class Gateway:
 
     # --- the request path ------------------------------------------------------------
 
-    async def chat_completions(self, request: Request) -> Response:
+    async def chat_completions(self, request: Request) -> ASGIApp:
         return await self.generate(request, "chat")
 
-    async def completions(self, request: Request) -> Response:
+    async def completions(self, request: Request) -> ASGIApp:
         return await self.generate(request, "completions")
 
-    async def embeddings(self, request: Request) -> Response:
+    async def embeddings(self, request: Request) -> ASGIApp:
         return await self.generate(request, "embeddings")
 
-    async def generate(self, request: Request, kind: RequestKind) -> Response:
+    async def generate(self, request: Request, kind: RequestKind) -> ASGIApp:
         """The request path: admit, cache, reserve, forward. Answers every failure itself,
         in OpenAI's shape, with the request recorded either way."""
         runtime = self.runtime  # this request keeps this policy to the end
@@ -232,7 +233,7 @@ class Gateway:
 
     async def _cache_lookup(
         self, runtime: Runtime, exchange: Exchange, client_headers: Mapping[str, str]
-    ) -> Response | None:
+    ) -> ASGIApp | None:
         """A cached answer as the client asked for it, or None (with a recorder set up)."""
         tier, model = exchange.decision.candidates[0]
         parsed = exchange.parsed
@@ -263,8 +264,8 @@ class Gateway:
         headers = {**exchange.headers, "x-triage-tier": tier, "x-triage-model": entry.model}
         if parsed.stream:
             events = render_events(entry, parsed.client_wants_usage)
-            return Response(b"".join(events), headers=headers, media_type="text/event-stream")
-        return Response(render_json(entry), headers=headers, media_type="application/json")
+            return Reply(b"".join(events), EVENT_STREAM, headers)
+        return Reply(render_json(entry), JSON, headers)
 
     async def _reserve(self, runtime: Runtime, exchange: Exchange) -> None:
         """Hold the worst-case cost; where the policy says so, move down a tier to fit."""
@@ -303,7 +304,7 @@ class Gateway:
 
     async def _forward(
         self, runtime: Runtime, exchange: Exchange, client_headers: Mapping[str, str]
-    ) -> Response:
+    ) -> ASGIApp:
         """Get an answer from the decision's candidates: SLO admission, retries, hedging."""
         headers = {h: client_headers[h] for h in FORWARDED_HEADERS if h in client_headers}
         record = exchange.record
@@ -325,11 +326,11 @@ class Gateway:
         exchange.served_by(dispatched)
         return await self._respond(exchange, dispatched)
 
-    async def _respond(self, exchange: Exchange, dispatched: Dispatched) -> Response:
+    async def _respond(self, exchange: Exchange, dispatched: Dispatched) -> ASGIApp:
         if exchange.parsed.stream:
             exchange.overhead_header()
             events = self._relay(exchange, dispatched)
-            return EventStreamResponse(events, exchange.headers, on_close=exchange.finish)  # type: ignore[return-value]
+            return EventStreamResponse(events, exchange.headers, on_close=exchange.finish)
         try:
             waited = time.perf_counter()
             read = self.upstream.read(dispatched.replica, dispatched.response, exchange.outcome)
@@ -346,10 +347,8 @@ class Gateway:
         exchange.overhead_header()
         # Commit, settle and record after the client has its answer (and its disconnect
         # watch has ended: nothing cancels this task now).
-        finish = BackgroundTask(exchange.finish, shielded=False)
-        return Response(
-            payload, headers=exchange.headers, media_type="application/json", background=finish
-        )
+        finish = functools.partial(exchange.finish, shielded=False)
+        return Reply(payload, JSON, exchange.headers, after=finish)
 
     async def _relay(self, exchange: Exchange, dispatched: Dispatched) -> AsyncIterator[bytes]:
         """The stream for the client. Its bookkeeping (`exchange.finish`) is left to the
