@@ -114,7 +114,7 @@ class DispatchSettings:
     critical_reserve: float = 0.2
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Job:
     tier: str
     options: list[tuple[str, Pool]]
@@ -156,7 +156,7 @@ class _Job:
         return body
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Attempt:
     tier: str
     pool: Pool
@@ -171,7 +171,7 @@ class _Attempt:
         return self.progress.sent_at
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Started:
     response: aiohttp.ClientResponse
     first_event: bytes | None
@@ -179,7 +179,7 @@ class _Started:
     first_byte_at: float
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Dispatched:
     """The replica that answered and its response, headers read (for streams, the first
     event too). Call `finish(outcome)` exactly once when the response is done with, even

@@ -34,7 +34,7 @@ def new_request_id() -> str:
     return os.urandom(12).hex()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Exchange:
     parsed: ParsedRequest
     caller: Caller

@@ -61,6 +61,8 @@ async def client(
     }
     policy["tiers"]["flaky"] = {"models": [FLAKY]}
     policy["routing"]["fallback"]["flaky"] = ["cheap"]
+    # A quota, so that requests reserve and settle (a policy without one skips both).
+    policy["budgets"] = {"tiers": {"cheap": {"usd_per_day": 1000.0}}}
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump(policy, sort_keys=False))
 
