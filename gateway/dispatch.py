@@ -445,7 +445,7 @@ class Dispatcher:
         probe = replica.begin(now, progress)
         attempt = _Attempt(tier, pool, replica, probe, queued, progress, span)
         tried.append(replica)
-        race[asyncio.ensure_future(self._attempt(job, attempt))] = attempt
+        race[asyncio.get_running_loop().create_task(self._attempt(job, attempt))] = attempt
 
     async def _attempt(self, job: _Job, attempt: _Attempt) -> _Started:
         path = UPSTREAM_PATHS[job.parsed.kind]

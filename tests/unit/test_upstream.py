@@ -149,3 +149,42 @@ async def test_relay_reads_json_written_with_spaces() -> None:
     assert outcome.completed and outcome.usage == usage
     assert outcome.finish_reasons == ("length",) and outcome.events == 3
     assert b'"completion_tokens"' not in relayed and relayed.endswith(b"data: [DONE]\n\n")
+
+
+async def test_post_sends_the_body_as_json_with_the_given_headers_and_key() -> None:
+    from aiohttp import web
+
+    from gateway.pools import Pool
+    from gateway.upstream import Upstream, close_session, new_session
+
+    seen: list[tuple[str, dict[str, str], bytes]] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        seen.append((request.path, dict(request.headers), await request.read()))
+        return web.json_response({"choices": []})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    pool = Pool.from_urls("m", [f"http://127.0.0.1:{port}/v1"], None, "sk-backend")
+    session = new_session(4)
+    try:
+        upstream = Upstream(session, 5.0, 1.0)
+        body = b'{"model":"m","messages":[]}'
+        response = await upstream.post(
+            pool, pool.replicas[0], "/chat/completions", body, {"traceparent": "00-x"}
+        )
+        response.release()
+    finally:
+        await close_session(session)
+        await runner.cleanup()
+    ((path, headers, received),) = seen
+    assert (path, received) == ("/v1/chat/completions", body)
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Content-Length"] == str(len(body))
+    assert headers["Authorization"] == "Bearer sk-backend"
+    assert headers["traceparent"] == "00-x"
