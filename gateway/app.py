@@ -269,7 +269,7 @@ class Gateway:
 
     async def _reserve(self, runtime: Runtime, exchange: Exchange) -> None:
         """Hold the worst-case cost; where the policy says so, move down a tier to fit."""
-        if not runtime.has_quotas:
+        if not runtime.policy.has_quotas:
             return  # no budget or limit anywhere: nothing to hold (the router checked access)
         decision, parsed, policy = exchange.decision, exchange.parsed, runtime.policy
         refused: QuotaExceeded | None = None

@@ -9,6 +9,7 @@ reported together so an operator fixes a file in one pass.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -315,10 +316,10 @@ class Policy(_Strict):
     def default_tier(self) -> str:
         return self.routing.default_tier or next(iter(self.tiers))
 
-    @property
+    @functools.cached_property
     def has_quotas(self) -> bool:
         """Budgets or rate limits anywhere: state that is only right if every gateway
-        process shares it (a Redis store)."""
+        process shares it (a Redis store). Without any, a request reserves nothing."""
         tenants = [*self.tenants.values(), *([self.auth.anonymous] if self.auth.anonymous else [])]
         return bool(self.budgets.tiers) or any(t.budget or t.limits for t in tenants)
 

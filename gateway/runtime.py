@@ -56,7 +56,6 @@ class Runtime:
     scraper: LoadScraper
     dispatcher: Dispatcher
     feedback: FeedbackLog | None = None
-    has_quotas: bool = True  # any budget or rate limit: else nothing to reserve or settle
 
     def ready(self) -> dict[str, bool]:
         """Per tier: does at least one of its models have a healthy replica?"""
@@ -127,7 +126,6 @@ async def build_runtime(
         scraper,
         dispatcher,
         feedback,
-        policy.has_quotas,
     )
 
 

@@ -93,15 +93,14 @@ class Upstream:
         self, pool: Pool, replica: Replica, path: str, body: bytes, headers: Mapping[str, str]
     ) -> aiohttp.ClientResponse:
         """Send the request; return the response once its headers arrive with a 2xx status."""
-        send_headers = dict(headers)
         if pool.api_key:
-            send_headers["authorization"] = f"Bearer {pool.api_key}"
+            headers = {**headers, "authorization": f"Bearer {pool.api_key}"}
         # A payload made here, not by aiohttp's registry from the bytes, carries the
         # content type itself: ~2 µs less per send.
         data = BytesPayload(body, content_type="application/json")
         with _ConvertedErrors(replica):
             response = await self.session.post(
-                replica.url + path, data=data, headers=send_headers, timeout=self.timeout
+                replica.url + path, data=data, headers=headers, timeout=self.timeout
             )
         if response.status >= 400:
             try:
