@@ -9,6 +9,7 @@ reported together so an operator fixes a file in one pass.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -20,6 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.backends import DEFAULTS, Backend, ServerKind
 from gateway.telemetry.settings import TelemetrySettings
 
 RESERVED_MODEL_NAMES = frozenset({"auto"})
@@ -73,6 +75,30 @@ class ModelSpec(_Strict):
     # Sequences each replica runs at once (vLLM's --max-num-seqs): SLO admission knows the
     # limit from the first request, not only once a load report has shown a queue.
     max_num_seqs: int | None = Field(None, ge=1)
+    # What kind of server the replicas are (gateway/backends.py): which health, metrics and
+    # tokenize endpoints they have. Each path overrides the kind's default; null: none.
+    server: ServerKind = "vllm"
+    health_path: str | None = None
+    metrics_path: str | None = None
+    tokenize_path: str | None = None
+
+    @field_validator("health_path", "metrics_path", "tokenize_path")
+    @classmethod
+    def _root_path(cls, path: str | None) -> str | None:
+        if path is not None and not path.startswith("/"):
+            raise ValueError(f"must be a path from the server's root like /health, got {path!r}")
+        return path
+
+    @property
+    def backend(self) -> Backend:
+        """The server kind's endpoints with this model's overrides applied."""
+        base = DEFAULTS[self.server]
+        overrides = {
+            name: getattr(self, name)
+            for name in ("health_path", "metrics_path", "tokenize_path")
+            if name in self.model_fields_set
+        }
+        return dataclasses.replace(base, **overrides)
 
     @field_validator("replicas")
     @classmethod
@@ -86,6 +112,10 @@ class ModelSpec(_Strict):
     def _one_source(self) -> ModelSpec:
         if bool(self.replicas) == (self.simulate is not None):
             raise ValueError("give exactly one of `replicas` (URLs) or `simulate`")
+        if self.tokenize_path is not None and DEFAULTS[self.server].tokenize_api is None:
+            raise ValueError(
+                f"tokenize_path: Triage knows no tokenize API of server {self.server!r}"
+            )
         return self
 
 

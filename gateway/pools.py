@@ -14,6 +14,7 @@ from typing import Literal
 
 import httpx
 
+from gateway.backends import DEFAULTS, Backend
 from gateway.slo import Ewma, LoadCurve, PeakEwma
 
 __all__ = [
@@ -429,6 +430,7 @@ class Pool:
     replicas: list[Replica]
     api_key: str | None = field(default=None, repr=False)
     balancer: Balancer = "slo"
+    backend: Backend = DEFAULTS["vllm"]
     rng: random.Random = field(default_factory=random.Random, repr=False)
     events: Ewma = field(default_factory=lambda: Ewma(30.0), repr=False)
     events_spread: Ewma = field(default_factory=lambda: Ewma(30.0), repr=False)
@@ -445,11 +447,12 @@ class Pool:
         balancer: Balancer = "slo",
         settings: ReplicaSettings | None = None,
         capacity: int | None = None,
+        backend: Backend = DEFAULTS["vllm"],
     ) -> Pool:
         """`capacity`: each replica's sequence slots, if known before its load reports."""
         settings = settings or ReplicaSettings()
         replicas = [Replica(url, settings=settings, capacity=capacity) for url in urls]
-        return cls(model, served_name or model, replicas, api_key, balancer)
+        return cls(model, served_name or model, replicas, api_key, balancer, backend)
 
     def pick(
         self,

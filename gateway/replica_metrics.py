@@ -17,8 +17,9 @@ __all__ = ["LoadScraper", "parse_load"]
 _RECHECK_UNREPORTED_S = 60.0
 
 # Names in order of preference: vLLM renamed its KV-cache gauge (gpu_ -> kv_) in v0.10.
-_RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
-_WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
+# llama.cpp's server (with --metrics) reports slots busy and requests deferred for a slot.
+_RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs", "llamacpp:requests_processing")
+_WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs", "llamacpp:requests_deferred")
 _CACHE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
 _WANTED = frozenset(_RUNNING + _WAITING + _CACHE)
 
@@ -32,7 +33,7 @@ def parse_load(text: str) -> Load | None:
     sums: dict[str, float] = {}
     peaks: dict[str, float] = {}
     for line in text.splitlines():
-        if not line or line[0] == "#" or not line.startswith(("vllm:", "sglang:")):
+        if not line or line[0] == "#" or not line.startswith(("vllm:", "sglang:", "llamacpp:")):
             continue
         brace = line.find("{")
         if brace >= 0:
@@ -80,15 +81,22 @@ class LoadScraper:
                 await self._task
 
     async def scrape_all(self, client: httpx.AsyncClient) -> None:
-        replicas = [replica for pool in self.pools for replica in pool.replicas]
-        await asyncio.gather(*(self._scrape(client, replica) for replica in replicas))
+        scrapes = []
+        for pool in self.pools:
+            path = pool.backend.metrics_path
+            for replica in pool.replicas:
+                if path is None:
+                    replica.load_unreported()  # the server has none: latency alone
+                else:
+                    scrapes.append(self._scrape(client, replica, path))
+        await asyncio.gather(*scrapes)
 
-    async def _scrape(self, client: httpx.AsyncClient, replica: Replica) -> None:
+    async def _scrape(self, client: httpx.AsyncClient, replica: Replica, path: str) -> None:
         unreported = replica.reports_load is False
         if unreported and time.monotonic() < self._recheck_at.get(replica.url, 0.0):
             return
         try:
-            response = await client.get(replica.root_url + "/metrics", timeout=self.timeout_s)
+            response = await client.get(replica.root_url + path, timeout=self.timeout_s)
         except httpx.HTTPError:
             return  # no news: the last report ages into "saturated"
         if response.status_code not in (200, 404):

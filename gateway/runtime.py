@@ -91,6 +91,7 @@ async def build_runtime(
             balancer=server.balancer,
             settings=replicas,
             capacity=spec.max_num_seqs,
+            backend=spec.backend,
         )
         for name, spec in policy.models.items()
     }
