@@ -99,7 +99,8 @@ class LoadScraper:
             response = await client.get(replica.root_url + path, timeout=self.timeout_s)
         except httpx.HTTPError:
             return  # no news: the last report ages into "saturated"
-        if response.status_code not in (200, 404):
+        # 404: no such endpoint; 501: llama.cpp's server started without --metrics.
+        if response.status_code not in (200, 404, 501):
             return
         load = parse_load(response.text) if response.status_code == 200 else None
         if load is None:

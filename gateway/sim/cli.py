@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from gateway.sim.faults import FAULT_KINDS, FaultConfig
 from gateway.sim.profile import PROFILES, SimProfile, profile_from_name
+from gateway.sim.quirks import QUIRKS, quirks_from_name
 from gateway.sim.server import serve_sim
 
 __all__ = ["add_sim_arguments", "profile_from_args", "run_from_args"]
@@ -17,6 +18,12 @@ __all__ = ["add_sim_arguments", "profile_from_args", "run_from_args"]
 def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the sim's flags; every profile field left unset keeps the profile's value."""
     parser.add_argument("--profile", choices=sorted(PROFILES), default="small")
+    parser.add_argument(
+        "--quirks",
+        choices=sorted(QUIRKS),
+        default="vllm",
+        help="behave as this kind of server: endpoints, errors, usage (gateway/sim/quirks.py)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", help="served model name")
@@ -74,5 +81,5 @@ def run_from_args(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"triage sim: {exc}", file=sys.stderr)
         return 2
-    serve_sim(profile, args.host, args.port, faults)
+    serve_sim(profile, args.host, args.port, faults, quirks_from_name(args.quirks))
     return 0

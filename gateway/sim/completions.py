@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Sequence
 from typing import Literal
 
 from starlette.types import Receive, Scope, Send
@@ -17,6 +18,7 @@ from gateway.sim.protocol import (
     parse_chat_request,
     parse_completion_request,
 )
+from gateway.sim.quirks import ContextCheck
 from gateway.sim.service import SimService
 from gateway.sim.shapes import ChunkFormatter, completion_body
 
@@ -57,55 +59,79 @@ class CompletionEndpoint:
         await service.run_watched(job, scope, receive)
 
     def _parse(self, body: dict[str, object]) -> SimRequest:
+        quirks = self._service.quirks
         if self._endpoint == "chat":
-            request = parse_chat_request(body)
+            request = parse_chat_request(body, quirks)
         else:
-            request = parse_completion_request(body)
-        _check_context(request, self._service.profile.max_model_len)
+            request = parse_completion_request(body, quirks)
+        _check_context(request, self._service.profile.max_model_len, quirks.context_check)
         return request
 
     async def _respond(
         self, send: Send, request: SimRequest, started: float, stall_after: int | None
     ) -> None:
-        plan = self._service.engine.plan(
-            prompt=request.prompt,
-            prompt_tokens=request.prompt_tokens,
-            max_tokens=request.max_tokens,
-            min_tokens=request.min_tokens,
-            ignore_eos=request.ignore_eos,
-            request_seed=request.seed,
-        )
+        service = self._service
+        max_tokens = request.max_tokens
+        if service.quirks.context_check != "prompt_and_output":
+            # Servers that do not refuse an answer too long for the context cut it there.
+            room = max(service.profile.max_model_len - request.prompt_tokens, 0)
+            max_tokens = room if max_tokens is None else min(max_tokens, room)
+        plans = [
+            service.engine.plan(
+                # Each choice samples its own output from the same prompt.
+                prompt=request.prompt if index == 0 else f"{request.prompt}\x00{index}",
+                prompt_tokens=request.prompt_tokens,
+                max_tokens=max_tokens,
+                min_tokens=request.min_tokens,
+                ignore_eos=request.ignore_eos,
+                request_seed=request.seed,
+            )
+            for index in range(request.n)
+        ]
         request_id = self._id_prefix + os.urandom(12).hex()
+        model = service.profile.model
+        if service.quirks.echo_model and request.model:
+            model = request.model
         if request.stream:
-            await self._stream(send, request, plan, request_id, started, stall_after)
+            await self._stream(send, request, plans, request_id, model, started, stall_after)
         else:
-            await self._complete(send, plan, request_id, started)
+            await self._complete(send, plans, request_id, model, started)
 
     async def _complete(
-        self, send: Send, plan: CompletionPlan, request_id: str, started: float
+        self,
+        send: Send,
+        plans: Sequence[CompletionPlan],
+        request_id: str,
+        model: str,
+        started: float,
     ) -> None:
         service = self._service
         metrics = service.metrics
+        # The choices decode side by side: the answer is ready when the longest one is.
+        longest = max(plans, key=lambda plan: plan.completion_tokens)
         async with service.engine.slot():
             await service.engine.run(
-                plan, lambda: metrics.observe_ttft(time.perf_counter() - started)
+                longest, lambda: metrics.observe_ttft(time.perf_counter() - started)
             )
         body = completion_body(
             endpoint=self._endpoint,
             request_id=request_id,
             created=int(time.time()),
-            model=service.profile.model,
-            plan=plan,
+            model=model,
+            plan=plans[0],
+            more=plans[1:],
         )
+        # Headers and body together, once the answer is whole: as every real server does.
         await send_json(send, 200, body)
-        self._finished(plan, started)
+        self._finished(plans, started)
 
     async def _stream(
         self,
         send: Send,
         request: SimRequest,
-        plan: CompletionPlan,
+        plans: Sequence[CompletionPlan],
         request_id: str,
+        model: str,
         started: float,
         stall_after: int | None,
     ) -> None:
@@ -114,63 +140,113 @@ class CompletionEndpoint:
             endpoint=self._endpoint,
             request_id=request_id,
             created=int(time.time()),
-            model=service.profile.model,
+            model=model,
             include_usage=request.include_usage,
+            null_usage=service.quirks.null_usage_in_chunks,
         )
-        # Headers go out at once, as vLLM's do; the first data waits for prefill.
-        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        output = _Output(send, at_first_token=service.quirks.stream_headers_at_first_token)
+        # vLLM's headers go out at once; llama.cpp and Ollama send them with the first token.
+        await output.open()
         async with service.engine.slot():
             if service.profile.is_instant and stall_after is None:
                 # No time passes between tokens, so one write can carry them all: the same bytes
                 # at a fraction of the per-send cost, which is what the overhead benchmark needs.
                 service.metrics.observe_ttft(time.perf_counter() - started)
-                unsent = b"".join([events.first(), *map(events.token, plan.tokens)])
+                unsent = events.first(len(plans)) + b"".join(
+                    _step(events, plans, position) for position in range(_longest(plans))
+                )
             else:
-                sent = await self._send_tokens(send, events, plan, started, stall_after)
-                unsent = b"" if sent else events.first()
-        await send(
-            {
-                "type": "http.response.body",
-                "body": unsent + events.finish(plan),
-                "more_body": False,
-            }
-        )
-        self._finished(plan, started)
+                sent = await self._send_tokens(output, events, plans, started, stall_after)
+                unsent = b"" if sent else events.first(len(plans))
+        await output.write(unsent + events.finish(plans[0], plans[1:]), more=False)
+        self._finished(plans, started)
 
     async def _send_tokens(
         self,
-        send: Send,
+        output: _Output,
         events: ChunkFormatter,
-        plan: CompletionPlan,
+        plans: Sequence[CompletionPlan],
         started: float,
         stall_after: int | None,
     ) -> int:
-        """Send each token as the engine produces it; return how many were sent."""
+        """Send each step's tokens as the engine produces them; return how many steps were sent."""
         sent = 0
-        async with contextlib.aclosing(self._service.engine.stream(plan)) as tokens:
-            async for token in tokens:
+        longest = max(plans, key=lambda plan: plan.completion_tokens)
+        async with contextlib.aclosing(self._service.engine.stream(longest)) as tokens:
+            async for _ in tokens:
                 if sent == stall_after:
                     break
-                event = events.token(token)
+                event = _step(events, plans, sent)
                 if not sent:
                     self._service.metrics.observe_ttft(time.perf_counter() - started)
-                    event = events.first() + event
-                await send({"type": "http.response.body", "body": event, "more_body": True})
+                    event = events.first(len(plans)) + event
+                await output.write(event, more=True)
                 sent += 1
         if stall_after is not None:
             # A stuck replica keeps its batch slot and its connection until the client leaves.
             await wait_forever()
         return sent
 
-    def _finished(self, plan: CompletionPlan, started: float) -> None:
+    def _finished(self, plans: Sequence[CompletionPlan], started: float) -> None:
         service = self._service
         service.stats.requests_completed += 1
         service.metrics.observe_finished(
-            time.perf_counter() - started, plan.prompt_tokens, plan.completion_tokens
+            time.perf_counter() - started,
+            plans[0].prompt_tokens,
+            sum(plan.completion_tokens for plan in plans),
         )
 
 
-def _check_context(request: SimRequest, max_model_len: int) -> None:
+class _Output:
+    """The response of a stream, whose headers go out at once or with the first data."""
+
+    def __init__(self, send: Send, *, at_first_token: bool) -> None:
+        self._send = send
+        self._deferred = at_first_token
+        self._started = False
+
+    async def open(self) -> None:
+        if not self._deferred:
+            await self._start()
+
+    async def write(self, body: bytes, *, more: bool) -> None:
+        if not self._started:
+            await self._start()
+        await self._send({"type": "http.response.body", "body": body, "more_body": more})
+
+    async def _start(self) -> None:
+        self._started = True
+        await self._send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+
+
+def _longest(plans: Sequence[CompletionPlan]) -> int:
+    return max(plan.completion_tokens for plan in plans)
+
+
+def _step(events: ChunkFormatter, plans: Sequence[CompletionPlan], position: int) -> bytes:
+    """The events of decode step `position`: one token of each choice still generating."""
+    return b"".join(
+        events.token(plan.tokens[position], index)
+        for index, plan in enumerate(plans)
+        if position < plan.completion_tokens
+    )
+
+
+def _check_context(request: SimRequest, max_model_len: int, check: ContextCheck) -> None:
+    if check == "none":
+        return  # Ollama truncates the prompt to its context window instead of refusing it
+    if check == "prompt_only":
+        # llama.cpp and llama-cpp-python refuse only a prompt that fills the context; the
+        # answer is cut at the window's end.
+        if request.prompt_tokens >= max_model_len:
+            raise SimRequestError(
+                f"Requested tokens ({request.prompt_tokens}) exceed context window of "
+                f"{max_model_len}",
+                param="messages" if request.endpoint == "chat" else "prompt",
+                code="context_length_exceeded",
+                validation=False,
+            )
+        return
     # vLLM refuses a request that cannot fit its context window rather than truncating it.
     wanted = request.prompt_tokens + (request.max_tokens or 1)
     if wanted > max_model_len:
@@ -180,4 +256,5 @@ def _check_context(request: SimRequest, max_model_len: int) -> None:
             f"{request.max_tokens or 1} in the completion). Please reduce the length of the "
             "messages or completion.",
             param="messages" if request.endpoint == "chat" else "prompt",
+            validation=False,
         )

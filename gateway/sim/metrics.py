@@ -1,13 +1,16 @@
-"""Prometheus metrics of one sim app, under vLLM's metric names, in the app's own registry."""
+"""Prometheus metrics of one sim app, under vLLM's, SGLang's or llama.cpp's names, in the app's own
+registry."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST as _CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from gateway.sim.engine import SimEngine
+from gateway.sim.quirks import MetricsStyle
 
 __all__ = ["METRICS_CONTENT_TYPE", "SimMetrics"]
 
@@ -28,13 +31,42 @@ class SimMetrics:
     """The gauges read the engine at scrape time; the rest are observed by the request path.
 
     Each app owns a fresh CollectorRegistry: several sims share one process in tests and in
-    the demo, and the global default registry would reject their duplicate names.
+    the demo, and the global default registry would reject their duplicate names. `style`
+    picks the server whose names are used; only vLLM's also get the latency histograms.
     """
 
-    def __init__(self, engine: SimEngine) -> None:
+    def __init__(self, engine: SimEngine, style: MetricsStyle = "vllm") -> None:
         self.registry = CollectorRegistry()
         model = engine.profile.model
         labels = ("model_name",)
+        self._ttft: _Observer = _NOTHING
+        self._e2e: _Observer = _NOTHING
+        if style == "sglang":
+            # SGLang with --enable-metrics (python/sglang/srt/metrics/collector.py).
+            self._gauge(
+                "sglang:num_running_reqs", "Running requests.", model, _read(engine, "running")
+            )
+            self._gauge(
+                "sglang:num_queue_reqs", "Queued requests.", model, _read(engine, "waiting")
+            )
+            self._gauge("sglang:token_usage", "KV-cache use, 0..1.", model, _read(engine, "kv"))
+            self._counters("sglang:prompt_tokens", "sglang:generation_tokens", model)
+            return
+        if style == "llama_cpp":
+            # llama-server with --metrics: unlabelled gauges (tools/server/README.md).
+            self._plain_gauge(
+                "llamacpp:requests_processing", "Requests processing.", _read(engine, "running")
+            )
+            self._plain_gauge(
+                "llamacpp:requests_deferred", "Requests deferred.", _read(engine, "waiting")
+            )
+            self._prompt_tokens = Counter(
+                "llamacpp:prompt_tokens", "Prompt tokens processed.", registry=self.registry
+            )
+            self._generation_tokens = Counter(
+                "llamacpp:tokens_predicted", "Tokens predicted.", registry=self.registry
+            )
+            return
         self._gauge(
             "vllm:num_requests_running",
             "Requests in the running batch.",
@@ -78,6 +110,18 @@ class SimMetrics:
         gauge = Gauge(name, doc, ("model_name",), registry=self.registry)
         gauge.labels(model_name=model).set_function(read)
 
+    def _plain_gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        Gauge(name, doc, registry=self.registry).set_function(read)
+
+    def _counters(self, prompt: str, generation: str, model: str) -> None:
+        labels = ("model_name",)
+        self._prompt_tokens = Counter(
+            prompt, "Prefill tokens processed.", labels, registry=self.registry
+        ).labels(model_name=model)
+        self._generation_tokens = Counter(
+            generation, "Generation tokens processed.", labels, registry=self.registry
+        ).labels(model_name=model)
+
     def observe_ttft(self, seconds: float) -> None:
         self._ttft.observe(seconds)
 
@@ -90,3 +134,23 @@ class SimMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class _Observer(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class _Nothing:
+    def observe(self, amount: float) -> None:
+        pass
+
+
+_NOTHING = _Nothing()
+
+
+def _read(engine: SimEngine, what: str) -> Callable[[], float]:
+    if what == "running":
+        return lambda: engine.running
+    if what == "waiting":
+        return lambda: engine.waiting
+    return lambda: engine.kv_cache_usage

@@ -8,12 +8,14 @@ from typing import Literal
 
 import orjson
 
+from gateway.sim.quirks import QUIRKS, Quirks
 from gateway.sim.tokens import count_tokens
 
 __all__ = [
     "EmbeddingRequest",
     "SimRequest",
     "SimRequestError",
+    "chat_prompt",
     "parse_chat_request",
     "parse_completion_request",
     "parse_embedding_request",
@@ -22,6 +24,7 @@ __all__ = [
 
 # vLLM's chat template adds a few tokens around each message.
 _TOKENS_PER_MESSAGE = 4
+_VLLM = QUIRKS["vllm"]
 
 
 class SimRequestError(Exception):
@@ -36,6 +39,7 @@ class SimRequestError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: Sequence[tuple[bytes, bytes]] = (),
+        validation: bool = True,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -44,6 +48,8 @@ class SimRequestError(Exception):
         self.param = param
         self.code = code
         self.headers = tuple(headers)
+        # A malformed body, answered with the server kind's validation status (500 for some).
+        self.validation = validation
 
     def __repr__(self) -> str:
         return f"SimRequestError(status={self.status}, message={self.message!r})"
@@ -63,6 +69,7 @@ class SimRequest:
     seed: int | None
     stream: bool
     include_usage: bool
+    n: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,16 +91,20 @@ def parse_json_object(raw: bytes) -> dict[str, object]:
     return value
 
 
-def parse_chat_request(body: dict[str, object]) -> SimRequest:
-    """Validate a /v1/chat/completions body."""
-    prompt, prompt_tokens = _chat_prompt(body.get("messages"))
-    return _sim_request("chat", body, prompt, prompt_tokens)
+def parse_chat_request(body: dict[str, object], quirks: Quirks = _VLLM) -> SimRequest:
+    """Validate a /v1/chat/completions body as the server kind `quirks` describes would."""
+    messages = body.get("messages")
+    if messages is None and not quirks.messages_required:
+        prompt, prompt_tokens = "", 0  # llama-cpp-python: `messages` defaults to []
+    else:
+        prompt, prompt_tokens = chat_prompt(messages)
+    return _sim_request("chat", body, prompt, prompt_tokens, quirks)
 
 
-def parse_completion_request(body: dict[str, object]) -> SimRequest:
-    """Validate a /v1/completions body."""
+def parse_completion_request(body: dict[str, object], quirks: Quirks = _VLLM) -> SimRequest:
+    """Validate a /v1/completions body as the server kind `quirks` describes would."""
     prompt, prompt_tokens = _completion_prompt(body.get("prompt"))
-    return _sim_request("completion", body, prompt, prompt_tokens)
+    return _sim_request("completion", body, prompt, prompt_tokens, quirks)
 
 
 def parse_embedding_request(body: dict[str, object]) -> EmbeddingRequest:
@@ -115,34 +126,61 @@ def _sim_request(
     body: dict[str, object],
     prompt: str,
     prompt_tokens: int,
+    quirks: Quirks,
 ) -> SimRequest:
-    n = _optional_int(body, "n", minimum=1)
-    if n is not None and n != 1:
-        raise SimRequestError(f"the sim only supports n=1, got n={n}", param="n")
+    lenient = quirks.lenient_types
+    n = _optional_int(body, "n", minimum=1, lenient=lenient) or 1
+    if n != 1 and quirks.n == "refused":
+        raise SimRequestError(
+            "Only one completion choice is allowed",
+            status=quirks.n_status,
+            type="server_error",
+            validation=False,
+        )
+    if quirks.n == "ignored":
+        n = 1
     # vLLM's rule: max_completion_tokens, the newer name, wins over max_tokens.
-    max_tokens = _optional_int(body, "max_completion_tokens", minimum=1)
+    max_tokens = _optional_int(body, "max_completion_tokens", minimum=1, lenient=lenient)
     if max_tokens is None:
-        max_tokens = _optional_int(body, "max_tokens", minimum=1)
-    stream = _bool(body, "stream")
+        max_tokens = _optional_int(body, "max_tokens", minimum=1, lenient=lenient)
+    stream = _bool(body, "stream", lenient=lenient)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise SimRequestError("stream_options must be an object", param="stream_options")
-    include_usage = stream and options is not None and _bool(options, "include_usage")
+        if not lenient:
+            raise SimRequestError("stream_options must be an object", param="stream_options")
+        options = None
+    if options is not None and not stream and quirks.stream_options_need_stream:
+        raise SimRequestError(
+            "Stream options can only be defined when `stream=True`.", param="stream_options"
+        )
+    for key in ("frequency_penalty", "presence_penalty", "temperature", "top_p"):
+        value = body.get(key)
+        wrong = isinstance(value, bool) or not isinstance(value, int | float)
+        if value is not None and wrong and not lenient:
+            raise SimRequestError(f"{key} must be a number, got {value!r}", param=key)
+    include_usage = (
+        stream
+        and quirks.stream_usage
+        and options is not None
+        and _bool(options, "include_usage", lenient=lenient)
+    )
     return SimRequest(
         endpoint=endpoint,
         model=_model(body),
         prompt=prompt,
         prompt_tokens=prompt_tokens,
         max_tokens=max_tokens,
-        min_tokens=_optional_int(body, "min_tokens", minimum=0) or 0,
-        ignore_eos=_bool(body, "ignore_eos"),
-        seed=_optional_int(body, "seed", minimum=None),
+        min_tokens=_optional_int(body, "min_tokens", minimum=0, lenient=lenient) or 0,
+        ignore_eos=_bool(body, "ignore_eos", lenient=lenient),
+        seed=_optional_int(body, "seed", minimum=None, lenient=lenient),
         stream=stream,
         include_usage=include_usage,
+        n=n,
     )
 
 
-def _chat_prompt(messages: object) -> tuple[str, int]:
+def chat_prompt(messages: object) -> tuple[str, int]:
+    """The prompt text of chat `messages` and its tokens, template overhead included."""
     if not isinstance(messages, list) or not messages:
         raise SimRequestError("messages must be a non-empty list", param="messages")
     lines: list[str] = []
@@ -207,24 +245,27 @@ def _model(body: dict[str, object]) -> str | None:
     return model
 
 
-def _optional_int(body: dict[str, object], key: str, *, minimum: int | None) -> int | None:
+def _optional_int(
+    body: dict[str, object], key: str, *, minimum: int | None, lenient: bool = False
+) -> int | None:
     value = body.get(key)
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or (minimum is not None and value < minimum)
-    ):
-        bound = "an integer" if minimum is None else f"an integer >= {minimum}"
-        raise SimRequestError(f"{key} must be {bound}, got {value!r}", param=key)
-    return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        if lenient:
+            return None  # llama.cpp's json_value: a wrongly typed field takes its default
+    elif minimum is None or value >= minimum:
+        return value
+    bound = "an integer" if minimum is None else f"an integer >= {minimum}"
+    raise SimRequestError(f"{key} must be {bound}, got {value!r}", param=key)
 
 
-def _bool(body: dict[str, object], key: str) -> bool:
+def _bool(body: dict[str, object], key: str, *, lenient: bool = False) -> bool:
     value = body.get(key)
     if value is None:
         return False
     if not isinstance(value, bool):
+        if lenient:
+            return False
         raise SimRequestError(f"{key} must be a boolean, got {value!r}", param=key)
     return value

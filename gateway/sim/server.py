@@ -18,6 +18,7 @@ from gateway.sim.completions import CompletionEndpoint
 from gateway.sim.embeddings import EmbeddingsEndpoint
 from gateway.sim.faults import FaultConfig
 from gateway.sim.profile import SimProfile
+from gateway.sim.quirks import Quirks
 from gateway.sim.service import SimService
 
 __all__ = ["RunningSim", "build_sim_app", "serve_sim", "start_sim_server"]
@@ -33,16 +34,29 @@ class _SimApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
-def build_sim_app(profile: SimProfile, faults: FaultConfig | None = None) -> Starlette:
-    """A vLLM-shaped OpenAI server simulating one GPU replica; its state is `app.state.sim`."""
-    service = SimService(profile, faults)
+def build_sim_app(
+    profile: SimProfile, faults: FaultConfig | None = None, quirks: Quirks | None = None
+) -> Starlette:
+    """An OpenAI server simulating one GPU replica; its state is `app.state.sim`.
+
+    It behaves as vLLM does unless `quirks` names another kind of server: then only that
+    server's health, metrics and tokenize endpoints exist, and its errors look like its own.
+    """
+    service = SimService(profile, faults, quirks)
+    quirks = service.quirks
     routes = [
         Route("/v1/chat/completions", CompletionEndpoint(service, "chat"), methods=["POST"]),
         Route("/v1/completions", CompletionEndpoint(service, "completion"), methods=["POST"]),
         Route("/v1/embeddings", EmbeddingsEndpoint(service), methods=["POST"]),
         Route("/v1/models", service.models),
-        Route("/health", service.health),
-        Route("/metrics", service.metrics_endpoint),
+        *[Route(path, service.tokenize, methods=["POST"]) for path in quirks.tokenize_paths],
+    ]
+    if quirks.health_path is not None:
+        routes.append(Route(quirks.health_path, service.health))
+    if quirks.metrics is not None or quirks.metrics_off_status != 404:
+        # llama.cpp's /metrics exists without --metrics, and answers 501.
+        routes.append(Route("/metrics", service.metrics_endpoint))
+    routes += [
         Route("/admin/faults", service.get_faults),
         Route("/admin/faults", service.set_faults, methods=["POST"]),
         Route("/admin/stats", service.stats_endpoint),
@@ -133,9 +147,10 @@ async def start_sim_server(
     host: str = "127.0.0.1",
     port: int = 0,
     faults: FaultConfig | None = None,
+    quirks: Quirks | None = None,
 ) -> RunningSim:
     """Serve a sim from the current event loop; port 0 picks a free port. Stop it with `stop()`."""
-    app = build_sim_app(profile, faults)
+    app = build_sim_app(profile, faults, quirks)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must be IPPROTO_TCP, not 0: asyncio only sets TCP_NODELAY on accepted sockets whose
     # proto says TCP, and without it Nagle plus delayed ACKs add ~40 ms to every response.
@@ -167,9 +182,15 @@ async def start_sim_server(
     return RunningSim(app, host, sock.getsockname()[1], server, task)
 
 
-def serve_sim(profile: SimProfile, host: str, port: int, faults: FaultConfig | None = None) -> None:
+def serve_sim(
+    profile: SimProfile,
+    host: str,
+    port: int,
+    faults: FaultConfig | None = None,
+    quirks: Quirks | None = None,
+) -> None:
     """Serve a sim until interrupted (blocking), with uvloop and httptools when installed."""
-    app = build_sim_app(profile, faults)
+    app = build_sim_app(profile, faults, quirks)
     config = uvicorn.Config(
         app,
         host=host,

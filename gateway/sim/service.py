@@ -29,8 +29,10 @@ from gateway.sim.engine import SimEngine
 from gateway.sim.faults import FaultConfig, FaultKind
 from gateway.sim.metrics import METRICS_CONTENT_TYPE, SimMetrics
 from gateway.sim.profile import SimProfile
-from gateway.sim.protocol import SimRequestError, parse_json_object
+from gateway.sim.protocol import SimRequestError, chat_prompt, parse_json_object
+from gateway.sim.quirks import QUIRKS, Quirks
 from gateway.sim.shapes import error_body, models_body
+from gateway.sim.tokens import count_tokens, token_ids
 
 __all__ = ["SimService", "SimStats"]
 
@@ -64,10 +66,13 @@ class SimStats:
 class SimService:
     """Everything one sim app owns; built by `build_sim_app`, reachable as `app.state.sim`."""
 
-    def __init__(self, profile: SimProfile, faults: FaultConfig | None = None) -> None:
+    def __init__(
+        self, profile: SimProfile, faults: FaultConfig | None = None, quirks: Quirks | None = None
+    ) -> None:
         self.profile = profile
+        self.quirks = quirks or QUIRKS["vllm"]
         self.engine = SimEngine(profile)
-        self.metrics = SimMetrics(self.engine)
+        self.metrics = SimMetrics(self.engine, self.quirks.metrics or "vllm")
         self.stats = SimStats()
         self.last_request: dict[str, object] | None = None
         self.traces: deque[dict[str, str]] = deque(maxlen=_KEPT_TRACES)
@@ -90,13 +95,17 @@ class SimService:
         return self._faults.draw(self._fault_rng)
 
     def check_model(self, model: str | None) -> None:
-        """404 for a model this replica does not serve; a missing model means the served one."""
-        if model is not None and model != self.profile.model:
+        """404 for a model this replica does not serve; a missing model means the served one.
+
+        Servers that serve one model whatever the name (llama.cpp, SGLang) accept any.
+        """
+        if model is not None and model != self.profile.model and self.quirks.check_model:
             raise SimRequestError(
                 f"The model `{model}` does not exist. This server serves `{self.profile.model}`.",
                 status=404,
                 param="model",
                 code="model_not_found",
+                validation=False,
             )
 
     def note_trace(self, scope: Scope) -> None:
@@ -130,19 +139,32 @@ class SimService:
             return None
         return request
 
-    async def send_error(self, send: Send, error: SimRequestError) -> None:
+    async def send_error(self, send: Send, error: SimRequestError, *, fault: bool = False) -> None:
+        """Answer `error` with the status and body the server kind would.
+
+        Injected faults keep OpenAI's shape whatever the kind: they stand for whatever sits
+        in front of a server (a proxy's 429, a crashed worker), not for the server's own code.
+        """
         self.stats.requests_failed += 1
-        body = error_body(error.message, error.type, error.param, error.code)
-        await send_json(send, error.status, body, error.headers)
+        status = error.status
+        if fault:
+            body = error_body(error.message, error.type, error.param, error.code)
+        else:
+            if error.validation and status == 400:
+                status = self.quirks.validation_status
+            body = self.quirks.error_body(
+                status, error.message, error.type, error.param, error.code
+            )
+        await send_json(send, status, body, error.headers)
 
     async def inject_fault(
         self, kind: FaultKind, scope: Scope, receive: Receive, send: Send, *, can_stall: bool
     ) -> bool:
         """Answer the request with fault `kind`; False only for a stall the caller must stream."""
         if kind == "429":
-            await self.send_error(send, _rate_limited(self._faults.retry_after_s))
+            await self.send_error(send, _rate_limited(self._faults.retry_after_s), fault=True)
         elif kind in ("500", "503"):
-            await self.send_error(send, _server_error(int(kind)))
+            await self.send_error(send, _server_error(int(kind)), fault=True)
         elif kind == "reset":
             self.stats.requests_failed += 1
             await reset_connection(scope, receive)
@@ -198,7 +220,24 @@ class SimService:
     # -- control endpoints ------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        return Response(status_code=200)
+        if self.quirks.health_delay_s:
+            # SGLang's /health runs a one-token generation and checks for it after a second.
+            await asyncio.sleep(self.quirks.health_delay_s)
+        media_type = _JSON if self.quirks.health_body.startswith(b"{") else None
+        return Response(self.quirks.health_body, status_code=200, media_type=media_type)
+
+    async def tokenize(self, request: Request) -> Response:
+        """The server kind's tokenize endpoint; counts agree with the usage the sim reports."""
+        try:
+            body = parse_json_object(await request.body())
+            reply = _tokenize_reply(self.quirks, body, self.profile.max_model_len)
+        except SimRequestError as error:
+            status = self.quirks.validation_status if error.validation else error.status
+            payload = self.quirks.error_body(
+                status, error.message, error.type, error.param, error.code
+            )
+            return Response(payload, status, media_type=_JSON)
+        return Response(orjson.dumps(reply), media_type=_JSON)
 
     async def models(self, request: Request) -> Response:
         body = models_body(
@@ -207,6 +246,12 @@ class SimService:
         return Response(body, media_type=_JSON)
 
     async def metrics_endpoint(self, request: Request) -> Response:
+        if self.quirks.metrics is None:
+            message = "This server does not support metrics endpoint."
+            body = self.quirks.error_body(
+                self.quirks.metrics_off_status, message, "not_supported_error", None, None
+            )
+            return Response(body, self.quirks.metrics_off_status, media_type=_JSON)
         return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     async def get_faults(self, request: Request) -> Response:
@@ -239,6 +284,42 @@ class SimService:
             "last_request": self.last_request,
         }
         return Response(orjson.dumps(body), media_type=_JSON)
+
+
+def _tokenize_reply(quirks: Quirks, body: dict[str, object], max_model_len: int) -> object:
+    """Tokenize a request body shaped as the server kind's tokenize endpoint expects."""
+    style = quirks.tokenize
+    if style == "llama_cpp":
+        # llama.cpp: {"content": str} -> {"tokens": [int]} (pieces only when asked).
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise SimRequestError('"content" must be provided', param="content")
+        return {"tokens": token_ids(content)}
+    if style == "llama_cpp_python":
+        # llama-cpp-python /extras/tokenize/count: {"input": str, "model"?} -> {"count": int}.
+        text = body.get("input")
+        if not isinstance(text, str):
+            raise SimRequestError("input: Field required", param="input")
+        return {"count": count_tokens(text)}
+    # vLLM and SGLang: {"model"?, "prompt": str} -> {"count", "max_model_len", "tokens"};
+    # vLLM also takes {"messages"} and counts the chat template as the completion would.
+    messages = body.get("messages")
+    if messages is not None and style == "vllm":
+        text, count = chat_prompt(messages)
+        tokens = token_ids(text, count)
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise SimRequestError("prompt: Field required", param="prompt")
+        tokens = token_ids(prompt)
+    reply: dict[str, object] = {
+        "count": len(tokens),
+        "max_model_len": max_model_len,
+        "tokens": tokens,
+    }
+    if style == "vllm":
+        reply["token_strs"] = None
+    return reply
 
 
 def _fault_rng(seed: int) -> random.Random:

@@ -27,11 +27,13 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
 
 
-def usage(plan: CompletionPlan) -> dict[str, int]:
+def usage(plan: CompletionPlan, *more: CompletionPlan) -> dict[str, int]:
+    """Usage of one request: the prompt once, the completion tokens of every choice."""
+    completion = plan.completion_tokens + sum(other.completion_tokens for other in more)
     return {
         "prompt_tokens": plan.prompt_tokens,
-        "completion_tokens": plan.completion_tokens,
-        "total_tokens": plan.prompt_tokens + plan.completion_tokens,
+        "completion_tokens": completion,
+        "total_tokens": plan.prompt_tokens + completion,
     }
 
 
@@ -42,32 +44,37 @@ def completion_body(
     created: int,
     model: str,
     plan: CompletionPlan,
+    more: Sequence[CompletionPlan] = (),
 ) -> bytes:
-    """A whole (non-streamed) chat or text completion."""
-    if endpoint == "chat":
-        choice: dict[str, object] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": plan.text},
-            "finish_reason": plan.finish_reason,
-            "logprobs": None,
-        }
-        kind = "chat.completion"
-    else:
-        choice = {
-            "index": 0,
-            "text": plan.text,
-            "finish_reason": plan.finish_reason,
-            "logprobs": None,
-        }
-        kind = "text_completion"
+    """A whole (non-streamed) chat or text completion; `more` are the choices after the first."""
+    choices: list[dict[str, object]] = []
+    for index, each in enumerate((plan, *more)):
+        if endpoint == "chat":
+            choices.append(
+                {
+                    "index": index,
+                    "message": {"role": "assistant", "content": each.text},
+                    "finish_reason": each.finish_reason,
+                    "logprobs": None,
+                }
+            )
+        else:
+            choices.append(
+                {
+                    "index": index,
+                    "text": each.text,
+                    "finish_reason": each.finish_reason,
+                    "logprobs": None,
+                }
+            )
     return orjson.dumps(
         {
             "id": request_id,
-            "object": kind,
+            "object": "chat.completion" if endpoint == "chat" else "text_completion",
             "created": created,
             "model": model,
-            "choices": [choice],
-            "usage": usage(plan),
+            "choices": choices,
+            "usage": usage(plan, *more),
         }
     )
 
@@ -75,8 +82,9 @@ def completion_body(
 class ChunkFormatter:
     """Builds the SSE events of one streamed response; all share its id and `created`.
 
-    With `include_usage`, every chunk carries `"usage": null` and `finish` adds a last chunk
-    with no choices and the usage, as OpenAI does.
+    With `include_usage`, `finish` adds a last chunk with no choices and the usage, as OpenAI
+    does; with `null_usage` too, every other chunk carries `"usage": null` (OpenAI and vLLM do,
+    llama.cpp and Ollama leave the key out).
     """
 
     def __init__(
@@ -87,9 +95,11 @@ class ChunkFormatter:
         created: int,
         model: str,
         include_usage: bool,
+        null_usage: bool = True,
     ) -> None:
         self._chat = endpoint == "chat"
         self._include_usage = include_usage
+        self._null_usage = include_usage and null_usage
         self._head: dict[str, object] = {
             "id": request_id,
             "object": "chat.completion.chunk" if self._chat else "text_completion",
@@ -97,34 +107,43 @@ class ChunkFormatter:
             "model": model,
         }
 
-    def first(self) -> bytes:
-        """The event that opens the answer: the assistant role for chat, nothing otherwise."""
+    def first(self, choices: int = 1) -> bytes:
+        """The events that open the answer: the assistant role for chat, nothing otherwise."""
         if not self._chat:
             return b""
-        return self._event(self._choice({"role": "assistant", "content": ""}, None))
+        opening: dict[str, object] = {"role": "assistant", "content": ""}
+        return b"".join(self._event(self._choice(opening, None, i)) for i in range(choices))
 
-    def token(self, text: str) -> bytes:
+    def token(self, text: str, index: int = 0) -> bytes:
         content: dict[str, object] = {"content": text}
-        return self._event(self._choice(content, None, text=text))
+        return self._event(self._choice(content, None, index, text=text))
 
-    def finish(self, plan: CompletionPlan) -> bytes:
-        """The closing events: finish reason, then the usage chunk if asked, then [DONE]."""
-        events = [self._event(self._choice({}, plan.finish_reason, text=""))]
+    def finish(self, plan: CompletionPlan, more: Sequence[CompletionPlan] = ()) -> bytes:
+        """The closing events: finish reasons, then the usage chunk if asked, then [DONE]."""
+        events = [
+            self._event(self._choice({}, each.finish_reason, index, text=""))
+            for index, each in enumerate((plan, *more))
+        ]
         if self._include_usage:
-            events.append(_sse({**self._head, "choices": [], "usage": usage(plan)}))
+            events.append(_sse({**self._head, "choices": [], "usage": usage(plan, *more)}))
         events.append(DONE_EVENT)
         return b"".join(events)
 
     def _choice(
-        self, delta: dict[str, object], finish_reason: str | None, *, text: str = ""
+        self, delta: dict[str, object], finish_reason: str | None, index: int, *, text: str = ""
     ) -> dict[str, object]:
         if self._chat:
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            return {
+                "index": index,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
     def _event(self, choice: dict[str, object]) -> bytes:
         chunk: dict[str, object] = {**self._head, "choices": [choice]}
-        if self._include_usage:
+        if self._null_usage:
             chunk["usage"] = None
         return _sse(chunk)
 

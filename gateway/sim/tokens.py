@@ -6,7 +6,7 @@ import hashlib
 import random
 import re
 
-__all__ = ["count_tokens", "output_rng", "sample_words"]
+__all__ = ["count_tokens", "output_rng", "sample_words", "token_ids"]
 
 # A word or a single punctuation mark counts as one token: close enough to a BPE tokenizer for
 # latency and cost figures, and trivially reproducible in tests.
@@ -24,11 +24,31 @@ _WORDS = """
     create speak read allow add spend grow offer remember love consider appear buy wait serve
 """
 _VOCABULARY: tuple[str, ...] = tuple(_WORDS.split())
+# Token ids stay below a Llama 3 sized vocabulary; the template's own tokens share one id.
+_VOCAB_SIZE = 128000
+_TEMPLATE_TOKEN_ID = 128006
 
 
 def count_tokens(text: str) -> int:
     """Number of simulated tokens in `text`: words plus punctuation marks."""
     return len(_TOKEN_RE.findall(text))
+
+
+def token_ids(text: str, count: int | None = None) -> list[int]:
+    """Stable ids for the simulated tokens of `text`, as a tokenize endpoint returns them.
+
+    With `count`, exactly that many: padded with a template-token id or cut, for a chat
+    prompt whose count includes the chat template's own tokens.
+    """
+    ids = [_token_id(token) for token in _TOKEN_RE.findall(text)]
+    if count is None:
+        return ids
+    return (ids + [_TEMPLATE_TOKEN_ID] * count)[:count]
+
+
+def _token_id(token: str) -> int:
+    digest = hashlib.blake2b(token.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") % _VOCAB_SIZE
 
 
 def output_rng(*, seed: int, model: str, prompt: str, request_seed: int | None) -> random.Random:

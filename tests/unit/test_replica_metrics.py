@@ -108,3 +108,24 @@ async def test_scraper_starts_and_stops() -> None:
     scraper = LoadScraper([], interval_s=0.01)
     scraper.start()
     await scraper.stop()
+
+
+async def test_metrics_off_and_no_metrics_path() -> None:
+    """llama.cpp's server without --metrics answers 501; a server kind without a metrics
+    path is never asked at all."""
+    from gateway.backends import DEFAULTS
+
+    llama = Pool.from_urls("m", ["http://llama:8080/v1"], None, None, backend=DEFAULTS["llama_cpp"])
+    hosted = Pool.from_urls("h", ["http://hosted/v1"], None, None, backend=DEFAULTS["openai"])
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        return httpx.Response(501, text="This server does not support metrics endpoint.")
+
+    scraper = LoadScraper([llama, hosted], interval_s=0.25)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        await scraper.scrape_all(client)
+    assert llama.replicas[0].reports_load is False
+    assert hosted.replicas[0].reports_load is False
+    assert seen == ["llama"]

@@ -11,6 +11,7 @@ from gateway.sim.protocol import (
     parse_embedding_request,
     parse_json_object,
 )
+from gateway.sim.quirks import QUIRKS
 from gateway.sim.tokens import count_tokens, output_rng, sample_words
 
 
@@ -83,7 +84,11 @@ def test_include_usage_needs_a_stream() -> None:
     }
     assert parse_completion_request(body).include_usage
     body["stream"] = False
-    assert not parse_completion_request(body).include_usage
+    # vLLM refuses stream options without a stream; llama-cpp-python ignores them.
+    with pytest.raises(SimRequestError) as caught:
+        parse_completion_request(body)
+    assert caught.value.param == "stream_options"
+    assert not parse_completion_request(body, QUIRKS["llama_cpp_python"]).include_usage
 
 
 @pytest.mark.parametrize(
@@ -102,7 +107,7 @@ def test_completion_prompt_forms(prompt: object, tokens: int) -> None:
         ({"messages": [{"content": "no role"}]}, "messages[0]"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content"),
-        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": True}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
