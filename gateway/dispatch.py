@@ -54,7 +54,7 @@ _COALESCED_S = 0.0005
 # after another send had won), cancelled (no answer yet when the request stopped waiting).
 _OUTCOME = "triage.attempt.outcome"
 _EXPLORE_AFTER_S: dict[Priority, float] = {
-    "critical": math.inf,
+    "critical": 60.0,
     "standard": 60.0,
     "sheddable": 10.0,
 }
@@ -127,6 +127,8 @@ class _Job:
     trace: RequestTrace = NOOP_TRACE  # each send is a span of the request's trace
     hedged: bool = False
     retries: int = 0
+    # Where it got an answered 5xx (see `_attempt_failed`): its retries stay in that pool.
+    answered_in: tuple[str, Pool] | None = None
     _bodies: dict[str, bytes] = field(default_factory=dict)
 
     @property
@@ -145,7 +147,7 @@ class _Job:
     def explore(self) -> float:
         """After how long idle a replica's estimates fade for this request (see `predict`):
         the replica left alone because it looked slow is re-tried with the least important
-        requests, with standard ones only after a long while, never with critical ones."""
+        requests first, with the others after a long while."""
         return _EXPLORE_AFTER_S[self.priority]
 
     def body(self, pool: Pool) -> bytes:
@@ -341,7 +343,7 @@ class Dispatcher:
         try:
             while True:
                 now = time.monotonic()
-                live = [(tier, pool) for tier, pool in job.options if pool.healthy()]
+                live = _live(job.options, now)
                 if not live:
                     raise UpstreamUnavailable(
                         f"No healthy replica for tier '{job.tier}'.", code="no_healthy_replica"
@@ -354,6 +356,11 @@ class Dispatcher:
                     for tier, pool in live:
                         prediction = pool.predict(now, budget, explore=job.explore)
                         if prediction is not None and prediction.fits(budget):
+                            return tier, pool
+                    # Nothing is predicted to fit, but a prediction alone never keeps work
+                    # from an idle replica it cannot vouch for: the request re-measures it.
+                    for tier, pool in live:
+                        if pool.probe_target(now) is not None:
                             return tier, pool
                 if job.priority == "critical" or not job.rules.shed:
                     # Critical requests are never shed while any tier can serve them.
@@ -377,13 +384,18 @@ class Dispatcher:
         race: dict[asyncio.Task[_Started], _Attempt] = {}
         tried: list[Replica] = []
         last_error: TriageError | None = None
-        replica = pool.pick(budget=self._budget(job), explore=job.explore) or pool.pick()
+        replica = (
+            pool.pick(budget=self._budget(job), explore=job.explore)
+            or pool.probe_target(time.monotonic())
+            or pool.pick()
+        )
         if replica is None:  # it went down since admission
             raise UpstreamUnavailable(
                 f"No healthy replica for tier '{job.tier}'.", code="no_healthy_replica"
             )
         self._start(job, tier, pool, replica, race, tried)
         hedge_at = self._hedge_at(job, tier, time.monotonic())
+        timeout_at = job.deadline.first_byte_timeout_at(job.stream)
         try:
             while True:
                 if not race:
@@ -395,7 +407,7 @@ class Dispatcher:
                     self._start(job, *target, race, tried, "retry")
                     hedge_at = self._hedge_at(job, target[0], time.monotonic())
                     continue
-                wake_at = job.deadline.ttft_timeout_at
+                wake_at = timeout_at
                 if not job.hedged:
                     wake_at = min(wake_at, hedge_at)
                 timeout = wake_at - time.monotonic()
@@ -415,11 +427,13 @@ class Dispatcher:
                 if done:
                     continue
                 now = time.monotonic()
-                if now >= job.deadline.ttft_timeout_at:
+                if now >= timeout_at:
                     for attempt in race.values():
                         attempt.replica.failed(now)
                     raise UpstreamTimeout(
                         "No backend replica sent a first token within the request's deadline."
+                        if job.stream
+                        else "No backend replica answered within the request's deadline."
                     )
                 if not job.hedged and now >= hedge_at:
                     job.hedged = self._hedge(job, race, tried, now)
@@ -469,7 +483,16 @@ class Dispatcher:
         return _Started(response, first, events, time.monotonic())
 
     def _attempt_failed(self, job: _Job, attempt: _Attempt, error: TriageError) -> bool:
-        """Account for a failed send; True when another replica may be tried."""
+        """Account for a failed send; True when another replica may be tried.
+
+        A refused connection ejects the replica, and the request may go anywhere (nothing
+        reached the replica); so may one answered 503 (the replica did not start it). Any
+        other answered 5xx is the replica's answer to this very request, maybe the one
+        every replica gives to a malformed request (llama-cpp-python answers those with
+        500): it is tried once more, on another replica of the same pool, and never on
+        another tier; a second answered 5xx ends it. No answer (reset, timeout) counts
+        towards ejection, and the request may be retried anywhere, as before.
+        """
         now = time.monotonic()
         replica = attempt.replica
         replica.end(attempt.probe, attempt.progress)
@@ -479,14 +502,21 @@ class Dispatcher:
         if isinstance(error, ConnectFailed):
             replica.mark_down(now)
             return True  # nothing reached the replica
-        if isinstance(error, UpstreamStatus) and error.status_code < 500:
+        if not isinstance(error, UpstreamStatus):
+            replica.failed(now)  # no answer: reset, timeout, a stream ended before it began
+            return job.rules.idempotent
+        if error.status_code < 500:
             if error.status_code != 429:
                 return False  # the request's own fault: any replica would say the same
             replica.throttle(now, error.retry_after or 1.0)
             return True
-        replica.failed(now)
-        # 503 says the replica did not start; other failures might have done work.
-        return job.rules.idempotent or error.status_code == 503
+        replica.errored(now)
+        if error.status_code == 503:
+            return True  # the replica did not start it
+        if job.answered_in is not None:
+            return False  # failed the same way twice: it is the request, most likely
+        job.answered_in = (attempt.tier, attempt.pool)
+        return job.rules.idempotent
 
     def _retry_target(
         self, job: _Job, tried: list[Replica], error: TriageError | None
@@ -502,9 +532,14 @@ class Dispatcher:
         return target
 
     def _retry_choice(self, job: _Job, exclude: list[Replica]) -> tuple[str, Pool, Replica] | None:
+        """Replicas predicted to meet the SLO first, then any; a request that got an answered
+        5xx only within the pool that answered it. A pool taking requests only because it
+        panics (`Pool.panicking`) comes after every other."""
         budget = self._budget(job)
-        for fits in (budget, None):  # replicas predicted to meet the SLO first
-            for tier, pool in job.options:
+        options = job.options if job.answered_in is None else [job.answered_in]
+        now = time.monotonic()
+        for fits in (budget, None):
+            for tier, pool in _live(options, now):
                 replica = pool.pick(exclude, budget=fits, explore=job.explore)
                 if replica is not None:
                     return tier, pool, replica
@@ -533,9 +568,10 @@ class Dispatcher:
         tiers = {attempt.tier for attempt in race.values()}
         budget = self._budget(job)
         if budget is not None:
-            # By now the first token may be late already; the copy must still beat the
+            # By now the first byte may be late already; the copy must still beat the
             # timeout, and make the e2e target.
-            budget = dataclasses.replace(budget, ttft_s=job.deadline.ttft_timeout_at - now)
+            timeout_at = job.deadline.first_byte_timeout_at(job.stream)
+            budget = dataclasses.replace(budget, ttft_s=timeout_at - now)
         for tier, pool in job.options:
             if tier not in tiers:
                 continue
@@ -658,6 +694,7 @@ class Dispatcher:
         fell_back = attempt.tier != job.tier
         if outcome.error is not None:
             if not _client_fault(outcome.error):
+                # Cut short or garbled after a good start: the replica stopped answering.
                 replica.failed(now)
                 self.tracker.refused(
                     job.tier, "failed", hedged=job.hedged, retries=job.retries, fell_back=fell_back
@@ -687,6 +724,14 @@ class Dispatcher:
             self.tracker.refused(job.tier, "expired")
         else:
             self.tracker.refused(job.tier, "failed", hedged=job.hedged, retries=job.retries)
+
+
+def _live(options: list[tuple[str, Pool]], now: float) -> list[tuple[str, Pool]]:
+    """The options that can take a request, those only panicking (`Pool.panicking`) only
+    when there is no other: a tier out on suspicion yields to a fallback tier that is not."""
+    live = [(tier, pool) for tier, pool in options if pool.healthy()]
+    calm = [(tier, pool) for tier, pool in live if not pool.panicking(now)]
+    return calm or live
 
 
 def _fastest(

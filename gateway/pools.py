@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -24,6 +26,7 @@ __all__ = [
     "Balancer",
     "BreakerState",
     "Budget",
+    "EjectionReason",
     "HealthChecker",
     "Load",
     "Pool",
@@ -36,6 +39,9 @@ __all__ = [
 Balancer = Literal["slo", "least_outstanding", "round_robin"]
 BALANCERS: tuple[Balancer, ...] = ("slo", "least_outstanding", "round_robin")
 BreakerState = Literal["closed", "open", "half_open"]
+# Why a replica was taken out: a refused connection, its health probe, failed requests that
+# got no answer (resets, timeouts) in a row, or answered 5xx well above its peers' rate.
+EjectionReason = Literal["connect_refused", "health_probe_failed", "failures", "outlier"]
 
 INITIAL_COOLDOWN_S = 1.0
 MAX_COOLDOWN_S = 30.0
@@ -47,6 +53,18 @@ _SATURATED_PENALTY = 8.0
 _FULL_CACHE = 0.95
 _SLOW_START_FLOOR = 0.1
 _MAX_SIMULATED_QUEUE = 1024
+# An outlier's answered-5xx rate is at least this far above its peers' (both over windows of
+# `outlier_min_requests` answers or more): far beyond what chance puts between replicas that
+# share one tenant's bad requests evenly.
+_OUTLIER_MARGIN = 0.5
+_OUTLIER_WINDOW_S = 60.0
+# Health probes: a server that answers this on the probe path has no health endpoint.
+_NO_HEALTH_ENDPOINT = frozenset({404, 405, 501})
+_HEALTH_RECHECK_S = 60.0  # how often to look again for a health endpoint that was missing
+_HEALTH_TIMEOUT_S = 2.5  # SGLang's /health takes a second by design
+_HEALTH_MISSES = 2  # timed-out probes in a row that eject: a busy server answers late
+
+_logger = logging.getLogger("triage")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +77,9 @@ class ReplicaSettings:
     slow_start_s: float = 10.0  # a recovered replica's share ramps up over this long
     latency_decay_s: float = 10.0  # memory of the latency estimates
     load_stale_s: float = 1.0  # load reports older than this count as saturation
+    # Share of a pool that suspicion alone (failures, outliers, slow probes) may eject.
+    max_ejected_percent: float = 50.0
+    outlier_min_requests: int = 20  # answers in a window before its error rate counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,15 +131,57 @@ class Progress:
     events: int = 0
 
 
+class _Answers:
+    """A replica's recent answers (the last `limit`, none older than `window_s`): how many,
+    and how many were 5xx errors."""
+
+    __slots__ = ("_errors", "_events", "limit", "window_s")
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._events: deque[tuple[float, bool]] = deque()
+        self._errors = 0
+
+    def add(self, now: float, error: bool) -> None:
+        self._events.append((now, error))
+        self._errors += error
+        if len(self._events) > self.limit:
+            self._errors -= self._events.popleft()[1]
+
+    def counts(self, now: float) -> tuple[int, int]:
+        """(answers, errors) within the window."""
+        events = self._events
+        while events and events[0][0] < now - self.window_s:
+            self._errors -= events.popleft()[1]
+        return len(events), self._errors
+
+    def clear(self) -> None:
+        self._events.clear()
+        self._errors = 0
+
+
 @dataclass(eq=False)
 class Replica:
     """One backend server, addressed by its OpenAI base URL (`http://host:port/v1`).
 
     Its breaker is closed (normal), open (ejected until `down_until`) or half-open (one
-    probe request at a time; an open breaker past its cooldown is half-open too). A refused
-    connection or a failed health check opens it at once, `failures_to_open` failed requests
-    in a row open it too; each opening doubles the cooldown (capped). A probe that succeeds
-    closes it, and the replica's share of traffic then ramps up over `slow_start_s`.
+    probe request at a time; an open breaker past its cooldown is half-open too). Each
+    opening doubles the cooldown (capped); a probe that succeeds closes it, and the
+    replica's share of traffic then ramps up over `slow_start_s`. What opens it:
+
+    - hard evidence, at once: a refused connection (nothing listens), or a health probe
+      that could not connect or that the server answered with a 5xx (it says it cannot
+      serve: loading, engine dead);
+    - suspicion, within the pool's cap (see `Pool.may_eject`): `failures_to_open` requests
+      in a row that got no answer (reset, timeout), two health probes in a row timed out,
+      or answered 5xx at a rate far above its peers' (`Pool.outlier`).
+
+    An answered 5xx never counts as a failure in a row: a server that answers is up, and
+    one client's malformed requests get a 5xx from every replica alike (llama-cpp-python
+    answers validation errors with 500). A replica out on suspicion alone (not `hard_down`)
+    still serves when its pool panics (`Pool.panicking`). Every ejection is logged (WARNING)
+    and counted in `ejections` and `ejections_by_reason`; every return is logged (INFO).
     """
 
     url: str
@@ -130,6 +193,10 @@ class Replica:
     state: BreakerState = "closed"
     probing: bool = False  # a half-open probe is in flight
     ejections: int = 0
+    ejections_by_reason: dict[str, int] = field(default_factory=dict)
+    reason: EjectionReason | None = None  # of the current ejection (None when closed)
+    hard_down: bool = False  # out on hard evidence: not served even in a panic
+    pool: Pool | None = field(default=None, repr=False)  # set by the pool that holds it
     recovered_at: float = -math.inf
     throttled_until: float = 0.0  # it answered 429 with Retry-After
     load: Load | None = field(default=None, repr=False)
@@ -139,20 +206,28 @@ class Replica:
     capacity: float | None = None  # sequences it runs at once, as far as its reports show
     typical_events: float = 0.0  # events in an average answer of its pool (the pool sets it)
     _ejected_by_health: bool = field(default=False, repr=False)
+    _health_misses: int = field(default=0, repr=False)  # probes timed out in a row
+    _answers: _Answers = field(init=False, repr=False)
     _in_flight_at_load: int = field(default=0, repr=False)
     _progress: list[Progress] = field(default_factory=list, repr=False)  # ours, oldest first
     latency: PeakEwma = field(init=False, repr=False)
     ttft: Ewma = field(init=False, repr=False)
+    ttft_floor: PeakEwma = field(init=False, repr=False)
     itl: LoadCurve = field(init=False, repr=False)
+    _answered_at: float = field(default=-math.inf, repr=False)  # its last first byte
 
     def __post_init__(self) -> None:
         self.cooldown_s = self.settings.initial_cooldown_s
+        minimum = self.settings.outlier_min_requests
+        self._answers = _Answers(max(5 * minimum, 100), _OUTLIER_WINDOW_S)
         self._new_estimates()
 
     def _new_estimates(self) -> None:
         decay = self.settings.latency_decay_s
         self.latency = PeakEwma(decay)  # first byte, for the balancer's cost
         self.ttft = Ewma(decay)  # first token when it did not queue, for predictions
+        # At least this long to a first token: streams given up on since the last answer.
+        self.ttft_floor = PeakEwma(decay)
         self.itl = LoadCurve(decay)  # between stream events, by batch, learnt as they arrive
 
     @property
@@ -162,7 +237,15 @@ class Replica:
     # --- breaker ---------------------------------------------------------------------
 
     def available(self, now: float) -> bool:
-        """May a request be sent here now? Half-open replicas take one probe at a time."""
+        """May a request be sent here now? Half-open replicas take one probe at a time; a
+        replica out on suspicion alone takes any request while its pool panics."""
+        if self.state == "closed" or self.takes_probe(now):
+            return True
+        pool = self.pool
+        return not self.hard_down and pool is not None and pool.panicking(now)
+
+    def takes_probe(self, now: float) -> bool:
+        """Would its breaker, alone, let a request through now (closed, or a probe's turn)?"""
         if self.state == "closed":
             return True
         if self.probing:
@@ -174,8 +257,8 @@ class Replica:
         self.in_flight += 1
         if progress is not None:
             self._progress.append(progress)
-        if self.state == "closed":
-            return False
+        if self.state == "closed" or not self.takes_probe(now):
+            return False  # closed, or sent while its pool panics: not a probe
         self.state = "half_open"
         self.probing = True
         return True
@@ -188,31 +271,61 @@ class Replica:
         if probe:
             self.probing = False
 
-    def mark_down(self, now: float) -> None:
-        """Eject at once: the replica refused a connection or failed its health check."""
+    def mark_down(self, now: float, reason: EjectionReason = "connect_refused") -> None:
+        """Eject at once, on hard evidence: it refused a connection (or failed its check)."""
         self.failures += 1
-        self._open(now)
+        self._open(now, reason, hard=True)
 
     def mark_up(self, now: float | None = None) -> None:
         """Close the breaker and forget past failures; with `now`, start the slow ramp-up."""
-        if self.state != "closed" and now is not None:
-            self._recover(now)
+        if self.state != "closed":
+            if not (self.state == "half_open" and self._ejected_by_health):  # logged then
+                _logger.info("replica %s (model %s) is back in rotation", self.url, self._model)
+            if now is not None:
+                self._recover(now)
         self.failures = 0
         self.state = "closed"
+        self.reason = None
+        self.hard_down = False
         self.down_until = 0.0
         self.cooldown_s = self.settings.initial_cooldown_s
         self._ejected_by_health = False
 
     def succeeded(self, now: float) -> None:
+        """A request was answered here: passive health, whatever any probe says."""
+        self._answers.add(now, False)
         self.failures = 0
         if self.state != "closed":
             self.mark_up(now)
 
     def failed(self, now: float) -> None:
-        """A request failed here (error status, reset, timeout): maybe an outlier."""
+        """A request got no answer here (reset, timeout, a stream cut short)."""
         self.failures += 1
-        if self.state != "closed" or self.failures >= self.settings.failures_to_open:
-            self._open(now)
+        if self.state != "closed":
+            if not self.takes_probe(now) and self.down_until > now:
+                return  # a request sent in a panic: the ejection already runs
+            self._open(now, self.reason or "failures", hard=self.hard_down)
+        elif self.failures >= self.settings.failures_to_open and self._may_eject(now):
+            self._open(now, "failures")
+
+    def errored(self, now: float) -> None:
+        """It answered a request with a 5xx. It is up; it is ejected only as an outlier of its
+        pool (`Pool.outlier`). While out, an answer (even an error) ends an ejection for no
+        answer (refused connections, failures in a row); an outlier's stays."""
+        self._answers.add(now, True)
+        if self.state != "closed":
+            if self.reason in ("connect_refused", "failures"):
+                self.mark_up(now)
+            elif self.takes_probe(now) or self.down_until <= now:
+                self._open(now, self.reason or "outlier", hard=self.hard_down)
+            return
+        pool = self.pool
+        if pool is not None and pool.outlier(self, now) and self._may_eject(now):
+            self._open(now, "outlier")
+
+    def answers(self, now: float) -> tuple[int, int]:
+        """(answers, 5xx errors among them) in its recent window."""
+        return self._answers.counts(now)
 
     def throttle(self, now: float, seconds: float) -> None:
         """It answered 429: until its Retry-After has passed, `Pool.pick` sends elsewhere
@@ -220,26 +333,73 @@ class Replica:
         still goes, and the client gets the 429 and a fresh Retry-After."""
         self.throttled_until = max(self.throttled_until, now + seconds)
 
-    def health_failed(self, now: float) -> None:
+    def health_failed(
+        self, now: float, hard: bool = True, reason: EjectionReason = "health_probe_failed"
+    ) -> None:
+        """Its health probe failed: `hard` when it could not connect (`reason`
+        connect_refused) or the server answered 5xx (eject at once), else (a timeout) only
+        after `_HEALTH_MISSES` in a row."""
+        if not hard:
+            self._health_misses += 1
+            if self._health_misses < _HEALTH_MISSES:
+                return
+            if self.state == "closed" and not self._may_eject(now):
+                return
         # An open breaker's cooldown is not extended on every failed check, only renewed.
         if self.state != "open" or now >= self.down_until:
-            self.mark_down(now)
+            self.failures += 1
+            self._open(now, reason, hard=hard)
             self._ejected_by_health = True
 
     def health_passed(self, now: float) -> None:
+        self._health_misses = 0
         # A passing /health ends an ejection a failed check caused. It does not end one that
         # failed requests caused: a replica can answer /health and still fail every request,
         # so those wait out their cooldown and then have to pass a real probe.
         if self.state == "open" and self._ejected_by_health:
+            _logger.info(
+                "replica %s (model %s) passed its health probe: taking requests again",
+                self.url,
+                self._model,
+            )
             self.state = "half_open"
+            self.hard_down = False
 
-    def _open(self, now: float) -> None:
+    @property
+    def _model(self) -> str:
+        return "?" if self.pool is None else self.pool.model
+
+    def _may_eject(self, now: float) -> bool:
+        return self.pool is None or self.pool.may_eject(self, now)
+
+    def _open(self, now: float, reason: EjectionReason, hard: bool = False) -> None:
         if self.state != "open":
             self.ejections += 1
+            self.ejections_by_reason[reason] = self.ejections_by_reason.get(reason, 0) + 1
+            _logger.warning(
+                "replica %s (model %s) ejected: %s; cooldown %.1f s",
+                self.url,
+                self._model,
+                self._describe(reason, now),
+                self.cooldown_s,
+            )
+            self._answers.clear()  # judged afresh when it is back
         self.state = "open"
+        self.reason = reason
+        self.hard_down = hard
         self._ejected_by_health = False
         self.down_until = now + self.cooldown_s
         self.cooldown_s = min(self.cooldown_s * 2, self.settings.max_cooldown_s)
+
+    def _describe(self, reason: EjectionReason, now: float) -> str:
+        if reason == "connect_refused":
+            return "connection refused"
+        if reason == "health_probe_failed":
+            return "health probe failed"
+        if reason == "failures":
+            return f"{self.failures} requests in a row got no answer"
+        answers, errors = self._answers.counts(now)
+        return f"outlier: {errors} of its last {answers} answers were 5xx, far above its peers'"
 
     def _recover(self, now: float) -> None:
         self.recovered_at = now
@@ -305,6 +465,9 @@ class Replica:
         queued: bool = False,
     ) -> None:
         """Feed one request's timings; a TTFT that includes queueing is not a base TTFT."""
+        if first_byte_s is not None or ttft_s is not None:
+            self._answered_at = now
+            self.ttft_floor.reset()  # it answers again: what it measures now counts
         if first_byte_s is not None:
             self.latency.observe(first_byte_s, now)
         if ttft_s is not None and not queued:
@@ -314,13 +477,17 @@ class Replica:
 
     def observe_wait(self, now: float, waited_s: float, stream: bool) -> None:
         """A request here was given up on after `waited_s` without a first byte: the latency
-        is at least that. Only a wait longer than the estimate says anything."""
+        is at least that. Only a wait longer than the estimate says anything.
+
+        A stream's wait is not averaged into the TTFT estimate: it is a floor under it
+        (`ttft_floor`) that fades, and that the next answer removes. One request that hung
+        must not outweigh what the replica measures once it answers again.
+        """
         latency = self.latency.value(now)
         if latency is None or waited_s > latency:
             self.latency.observe(waited_s, now)
-        ttft = self.ttft.value(now)
-        if stream and (ttft is None or waited_s > ttft):
-            self.ttft.observe(waited_s, now)
+        if stream:
+            self.ttft_floor.observe(waited_s, now)
 
     def batch(self, now: float, extra: int = 0) -> float:
         """Sequences decoding together now, with `extra` more: queued ones do not count."""
@@ -363,7 +530,8 @@ class Replica:
         # A TTFT near its SLO should not pass for one under it half the time: take the
         # estimate plus its usual deviation.
         base = self.ttft.value(now, explore)
-        base = 0.0 if base is None else base + self.ttft.spread()
+        base = 0.0 if base is None else base + self.ttft.spread(now, explore)
+        base = max(base, _or(self.ttft_floor.value(now), 0.0))
         itl = _or(self.itl.value(self.batch(now, 1), now, explore), 0.0)
         # What one request holds a slot for, on average: what a queued request waits on.
         service = base + itl * self.typical_events
@@ -372,6 +540,22 @@ class Replica:
             wait += service
         ttft = base + wait
         return Prediction(ttft, ttft + itl * max(events - 1.0, 0.0))
+
+    def vouched(self, now: float) -> bool:
+        """Do its estimates rest on a recent answer: one within `latency_decay_s`, and no
+        request given up on since?"""
+        if self.ttft_floor.value(now) is not None:
+            return False
+        return now - self._answered_at <= self.settings.latency_decay_s
+
+    def needs_probe(self, now: float) -> bool:
+        """Idle (nothing of ours in flight, no queue reported) and not `vouched` for: only
+        an answer re-measures it, so a prediction alone must not keep work from it for
+        good. One at a time, as a half-open breaker's probe: once one is sent, the replica
+        is no longer idle."""
+        if self.in_flight or self.queue_full(now) or self.throttled_until > now:
+            return False
+        return not self.vouched(now)
 
     def _queue_wait(
         self, now: float, base: float, itl: float, service: float, reserve: float
@@ -423,6 +607,12 @@ class Pool:
     `balancer` picks among available replicas: `slo` is power-of-two-choices over
     `Replica.cost` (restricted to replicas predicted to meet a budget, when one is given),
     `least_outstanding` takes the fewest requests in flight, `round_robin` takes turns.
+
+    Ejection on suspicion is capped (`may_eject`, after Envoy's `max_ejection_percent`),
+    and a pool none of whose replicas may take a request panics (`panicking`): then every
+    replica out on suspicion alone takes requests again, as Envoy's panic mode does, rather
+    than the pool answering 503. Replicas out on hard evidence (a refused connection, a
+    failed health probe that connected or answered 5xx) stay out: nothing would answer.
     """
 
     model: str
@@ -435,6 +625,10 @@ class Pool:
     events: Ewma = field(default_factory=lambda: Ewma(30.0), repr=False)
     events_spread: Ewma = field(default_factory=lambda: Ewma(30.0), repr=False)
     _next: int = 0
+
+    def __post_init__(self) -> None:
+        for replica in self.replicas:
+            replica.pool = self
 
     @classmethod
     def from_urls(
@@ -509,8 +703,62 @@ class Pool:
         return best
 
     def healthy(self) -> bool:
+        """Can it take a request now (in a panic included)? What `/readyz` reports."""
         now = time.monotonic()
         return any(replica.available(now) for replica in self.replicas)
+
+    def panicking(self, now: float) -> bool:
+        """No replica's breaker lets a request through, yet some is out on suspicion alone:
+        every such replica takes requests (see the class docstring)."""
+        replicas = self.replicas
+        return not any(r.takes_probe(now) for r in replicas) and not all(
+            r.hard_down for r in replicas
+        )
+
+    def may_eject(self, replica: Replica, now: float) -> bool:
+        """May `replica` be ejected on suspicion? As Envoy does: yes when no other replica is
+        out, else only while the ejected stay within `max_ejected_percent` of the pool; 0
+        turns ejection on suspicion off. An ejection the cap refuses is logged."""
+        limit = replica.settings.max_ejected_percent
+        out = sum(1 for r in self.replicas if r is not replica and r.state != "closed")
+        if limit > 0 and (out == 0 or (out + 1) * 100 <= limit * len(self.replicas)):
+            return True
+        _logger.warning(
+            "replica %s (model %s) looks bad but is kept: %d of %d replicas are out already "
+            "(max_ejected_percent %g)",
+            replica.url,
+            self.model,
+            out,
+            len(self.replicas),
+            limit,
+        )
+        return False
+
+    def outlier(self, replica: Replica, now: float) -> bool:
+        """Are `replica`'s answered 5xx far more frequent than its peers'?
+
+        Both it and its peers (together) need `outlier_min_requests` answers in their recent
+        windows, and its 5xx rate must exceed theirs by `_OUTLIER_MARGIN`. Relative to peers,
+        because the errors one client's bad requests draw come from every replica alike: no
+        stream of bad requests, however long, makes one replica an outlier. So a replica
+        with no peer (a pool of one) is never ejected for answered errors: nothing tells a
+        broken server from a client's bad requests there, and ejecting it would take the
+        whole model out (a server that is truly broken is found by its health probe, or by
+        failing to answer at all).
+        """
+        minimum = replica.settings.outlier_min_requests
+        answers, errors = replica.answers(now)
+        if answers < minimum:
+            return False
+        peer_answers = peer_errors = 0
+        for peer in self.replicas:
+            if peer is not replica:
+                counted, failed = peer.answers(now)
+                peer_answers += counted
+                peer_errors += failed
+        if peer_answers < minimum:
+            return False
+        return errors / answers - peer_errors / peer_answers >= _OUTLIER_MARGIN
 
     def predict(
         self,
@@ -529,6 +777,17 @@ class Pool:
             if r not in excluded and r.available(now)
         ]
         return min(predictions, key=lambda p: p.overrun(budget), default=None)
+
+    def probe_target(self, now: float) -> Replica | None:
+        """A replica to send a request to whatever the predictions say, or None: one that
+        `needs_probe`, in a pool with no available replica `vouched` for. While one is, the
+        pool's predictions rest on fresh answers and are believed; a replica they keep
+        idle is tried again as its estimates fade (a probe there would go to a replica
+        last seen slow, with a request predicted to miss)."""
+        available = [r for r in self.replicas if r.available(now)]
+        if any(r.vouched(now) for r in available):
+            return None
+        return next((r for r in available if r.needs_probe(now)), None)
 
     def observe_answer(self, now: float, events: int) -> None:
         """A streamed answer had `events` events: what the next ones are expected to have."""
@@ -556,14 +815,28 @@ class Pool:
         return min((v for v in known if v is not None), default=_DEFAULT_LATENCY_S)
 
 
-class HealthChecker:
-    """Polls each replica's `/health` in the background; ejects it or lets it be probed again."""
+_Probe = Literal["passed", "absent", "refused", "error", "timeout", "inconclusive"]
 
-    def __init__(self, pools: Iterable[Pool], interval_s: float, timeout_s: float = 1.0) -> None:
+
+class HealthChecker:
+    """Probes each replica's health endpoint (`pool.backend.health_path`) in the background;
+    ejects it or lets it be probed again.
+
+    A pool whose backend has no health path gets no probe: passive checks only (answers
+    count as health, failures eject, see `Replica`). A server that answers the probe path
+    with 404, 405 or 501 has no health endpoint (llama-cpp-python, Ollama's `/v1`, hosted
+    APIs): it is not probed again for `_HEALTH_RECHECK_S` (it may be upgraded) and is never
+    ejected for it. Only a probe that cannot connect, times out or gets a 5xx fails.
+    """
+
+    def __init__(
+        self, pools: Iterable[Pool], interval_s: float, timeout_s: float = _HEALTH_TIMEOUT_S
+    ) -> None:
         self.pools = list(pools)
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self._task: asyncio.Task[None] | None = None
+        self._absent: dict[Replica, float] = {}  # no health endpoint: look again then
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -575,21 +848,53 @@ class HealthChecker:
                 await self._task
 
     async def check_all(self, client: httpx.AsyncClient) -> None:
-        replicas = [replica for pool in self.pools for replica in pool.replicas]
-        results = await asyncio.gather(*(self._probe(client, r) for r in replicas))
         now = time.monotonic()
-        for replica, ok in zip(replicas, results, strict=True):
-            if ok:
+        targets = [
+            (replica, pool.backend.health_path)
+            for pool in self.pools
+            if pool.backend.health_path is not None
+            for replica in pool.replicas
+            if self._absent.get(replica, -math.inf) <= now
+        ]
+        results = await asyncio.gather(*(self._probe(client, r, path) for r, path in targets))
+        now = time.monotonic()
+        for (replica, path), result in zip(targets, results, strict=True):
+            if result == "absent":
+                if replica not in self._absent:
+                    _logger.info(
+                        "replica %s (model %s) has no health endpoint at %s: passive checks "
+                        "only, looking again every %.0f s",
+                        replica.url,
+                        replica._model,
+                        path,
+                        _HEALTH_RECHECK_S,
+                    )
+                self._absent[replica] = now + _HEALTH_RECHECK_S
+                replica.health_passed(now)  # it answered: something listens
+                continue
+            self._absent.pop(replica, None)
+            if result == "passed":
                 replica.health_passed(now)
-            else:
-                replica.health_failed(now)
+            elif result == "refused":
+                replica.health_failed(now, reason="connect_refused")
+            elif result != "inconclusive":
+                replica.health_failed(now, hard=result == "error")
 
-    async def _probe(self, client: httpx.AsyncClient, replica: Replica) -> bool:
+    async def _probe(self, client: httpx.AsyncClient, replica: Replica, path: str) -> _Probe:
         try:
-            response = await client.get(replica.root_url + "/health", timeout=self.timeout_s)
+            response = await client.get(replica.root_url + path, timeout=self.timeout_s)
+        except httpx.ConnectError:
+            return "refused"
+        except httpx.TimeoutException:
+            return "timeout"
         except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+            return "timeout"  # reset or garbled: as unsure as a timeout
+        status = response.status_code
+        if status in _NO_HEALTH_ENDPOINT:
+            return "absent"
+        if status >= 500:
+            return "error"
+        return "passed" if status < 300 else "inconclusive"
 
     async def _run(self) -> None:
         async with httpx.AsyncClient() as client:

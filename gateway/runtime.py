@@ -152,6 +152,8 @@ def replica_settings(policy: Policy) -> ReplicaSettings:
         initial_cooldown_s=breaker.cooldown_s,
         max_cooldown_s=breaker.max_cooldown_s,
         slow_start_s=breaker.slow_start_s,
+        max_ejected_percent=breaker.max_ejected_percent,
+        outlier_min_requests=breaker.min_requests,
         # A few missed scrapes in a row, not one slow one, make a replica "saturated".
         load_stale_s=max(4 * server.metrics_interval_s, 1.0),
     )
@@ -196,5 +198,5 @@ def load_classifier(
     if routing.thresholds is not None:
         return model, dict(routing.thresholds)
     assert routing.strong_fraction is not None  # the policy check guarantees one of the two
-    strongest = list(policy.tiers)[-1]
+    strongest = policy.strongest_tier
     return model, {strongest: model.threshold_for_strong_fraction(routing.strong_fraction)}

@@ -128,6 +128,12 @@ class Deadline:
     def e2e_timeout_at(self) -> float:
         return self.started + (self.e2e_at - self.started) * self.timeout_factor
 
+    def first_byte_timeout_at(self, stream: bool) -> float:
+        """When a send without its first byte is given up on. A stream's first byte is its
+        first token; a non-streamed answer's headers come with its whole body (llama.cpp,
+        Ollama, vLLM alike), so only the e2e timeout bounds it."""
+        return self.ttft_timeout_at if stream else self.e2e_timeout_at
+
     def budget(self, now: float, headroom: float = 1.0) -> tuple[float, float]:
         """Seconds left for the first token and for the last, times `headroom`."""
         return (self.ttft_at - now) * headroom, (self.e2e_at - now) * headroom
@@ -155,9 +161,11 @@ class Ewma:
         """The estimate now, faded if it has been idle for longer than `fade_after_s`."""
         return _faded(self._value, now - self._stamp, fade_after_s, self._idle_s)
 
-    def spread(self) -> float:
-        """The samples' mean absolute deviation from the estimate."""
-        return self._spread
+    def spread(self, now: float, fade_after_s: float = math.inf) -> float:
+        """The samples' mean absolute deviation from the estimate, faded as `value` is: a
+        deviation left from samples long gone must not keep an estimate high."""
+        spread = _faded(self._spread, now - self._stamp, fade_after_s, self._idle_s)
+        return 0.0 if spread is None else spread
 
     def observe(self, sample: float, now: float) -> None:
         current = self._value
@@ -167,7 +175,11 @@ class Ewma:
             # At least a tenth of each sample counts, so a burst right after a lull moves it.
             weight = min(math.exp(-max(now - self._stamp, 0.0) / self.decay_s), 0.9)
             self._value = current * weight + sample * (1.0 - weight)
-            self._spread = self._spread * weight + abs(sample - current) * (1.0 - weight)
+            # The sample's deviation from the estimate it moved (as an exponentially
+            # weighted variance is updated): after a long gap the sample mostly is the new
+            # estimate, and a level that moved is not taken for noise.
+            deviation = abs(sample - self._value)
+            self._spread = self._spread * weight + deviation * (1.0 - weight)
         self._stamp = now
 
     def reset(self) -> None:

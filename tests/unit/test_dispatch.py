@@ -15,7 +15,7 @@ import pytest
 from gateway.api.request import ParsedRequest
 from gateway.dispatch import SHED_CODES, Dispatched, Dispatcher, DispatchSettings, TierRules
 from gateway.errors import RateLimited, UpstreamStatus, UpstreamTimeout, UpstreamUnavailable
-from gateway.pools import Balancer, Pool, Progress, Replica, ReplicaSettings
+from gateway.pools import Balancer, Budget, Pool, Progress, Replica, ReplicaSettings
 from gateway.router import Decision
 from gateway.slo import SloTarget
 from gateway.upstream import ConnectFailed, Outcome, status_error
@@ -270,8 +270,11 @@ async def test_which_statuses_are_retried(status: int, idempotent: bool, retried
             await dispatch(dispatcher)
         assert sender.sent == [url("s0")]
     assert in_flight(dispatcher) == 0
-    # A client error says nothing about the replica, or about the SLO.
-    assert replica_of(dispatcher, "s0").failures == (0 if status == 400 else 1)
+    # A client error says nothing about the replica, or about the SLO. An answered 5xx is
+    # counted in the replica's error rate, never as a failure in a row: the server is up.
+    s0 = replica_of(dispatcher, "s0")
+    assert s0.failures == 0
+    assert s0.answers(time.monotonic()) == ((0, 0) if status == 400 else (1, 1))
     assert dispatcher.tracker.snapshot()["cheap"].requests == (0 if status == 400 else 1)
 
 
@@ -316,8 +319,9 @@ async def test_retries_stop_when_the_budget_is_spent() -> None:
     assert len(sender.sent) == 1
 
 
-async def test_retry_falls_back_to_another_tier() -> None:
-    bad = [Script("status", 500)]
+@pytest.mark.parametrize("failure", ["connect", "503"])
+async def test_a_request_the_tier_could_not_start_falls_back(failure: str) -> None:
+    bad = [Script("connect") if failure == "connect" else Script("status", 503)]
     sender = FakeSender({url("s0"): bad, url("s1"): bad})
     dispatcher = make(sender)
     dispatched = await dispatch(dispatcher)
@@ -325,6 +329,64 @@ async def test_retry_falls_back_to_another_tier() -> None:
     dispatched.finish(done())
     cheap = dispatcher.tracker.snapshot()["cheap"]
     assert (cheap.retried, cheap.fell_back) == (2, 1)
+
+
+@pytest.mark.parametrize("idempotent", [True, False])
+async def test_an_answered_error_is_retried_once_in_its_pool_never_on_another_tier(
+    idempotent: bool,
+) -> None:
+    """llama-cpp-python answers a malformed request with 500 on every replica: the request
+    gets one more replica of its pool (if idempotent), and the fallback tier never sees it."""
+    bad = [Script("status", 500)]
+    sender = FakeSender({url("s0"): bad, url("s1"): bad})
+    dispatcher = make(sender, rules=TierRules(target=CHEAP, idempotent=idempotent))
+    with pytest.raises(UpstreamStatus) as caught:
+        await dispatch(dispatcher)
+    assert caught.value.status_code == 502
+    assert len(sender.sent) == (2 if idempotent else 1)
+    assert url("b0") not in sender.sent
+    assert in_flight(dispatcher) == 0
+    for name in ("s0", "s1"):
+        r = replica_of(dispatcher, name)
+        assert (r.state, r.failures) == ("closed", 0)
+
+
+async def test_an_answered_error_from_the_only_replica_is_not_replayed_elsewhere() -> None:
+    sender = FakeSender({url("s0"): [Script("status", 500)]})
+    dispatcher = make(sender, small=("s0",))
+    with pytest.raises(UpstreamStatus):
+        await dispatch(dispatcher)
+    assert sender.sent == [url("s0")]
+
+
+async def test_an_answered_error_then_a_good_answer_from_a_peer() -> None:
+    sender = FakeSender({url("s0"): [Script("status", 500)]})
+    dispatcher = make(sender)
+    slow(replica_of(dispatcher, "s1"), 0.1)  # so s0 is tried first
+    dispatched = await dispatch(dispatcher)
+    assert (dispatched.tier, dispatched.replica.url) == ("cheap", url("s1"))
+    dispatched.finish(done())
+
+
+async def test_one_clients_bad_requests_eject_nothing() -> None:
+    """Interleaved with good requests, a stream of requests every replica answers with 500
+    ejects no replica and keeps both tiers serving."""
+    sender = FakeSender()
+    dispatcher = make(sender)
+    bad = Script("status", 500)
+    for i in range(60):
+        sender.scripts = {u: [bad] for u in (url("s0"), url("s1"), url("b0"))} if i % 2 else {}
+        if i % 2:
+            with pytest.raises(UpstreamStatus):
+                await dispatch(dispatcher)
+        else:
+            dispatched = await dispatch(dispatcher)
+            assert dispatched.tier == "cheap"
+            dispatched.finish(done())
+    assert url("b0") not in sender.sent
+    replicas = [r for p in dispatcher.pools.values() for r in p.replicas]
+    assert all(r.state == "closed" and r.ejections == 0 for r in replicas)
+    assert all(p.healthy() for p in dispatcher.pools.values())
 
 
 # --- hedging and deadlines -------------------------------------------------------------
@@ -527,6 +589,141 @@ async def test_a_slot_is_kept_for_critical_requests() -> None:
     critical = await dispatcher.dispatch(DECISION, parsed(), {}, {}, tenant_priority="critical")
     assert critical.replica is s0
     critical.finish(done())
+
+
+# --- admission recovers by itself -------------------------------------------------------
+
+
+def only_small(dispatcher: Dispatcher, *names: str) -> list[Replica]:
+    """Take the large tier out, so that the cheap tier has no fallback."""
+    dispatcher.pools["big"].replicas[0].mark_down(time.monotonic())
+    return [replica_of(dispatcher, name) for name in names]
+
+
+@pytest.mark.parametrize("priority", ["standard", "sheddable"])
+async def test_a_give_up_does_not_keep_an_idle_tier_refusing(priority: str) -> None:
+    dispatcher = make(FakeSender(), small=("s0",))
+    (s0,) = only_small(dispatcher, "s0")
+    # A stream given up on after 0.6 s without a first token: 3x the TTFT target.
+    s0.observe_wait(time.monotonic(), 0.6, stream=True)
+    prediction = dispatcher.pools["small"].predict(time.monotonic(), Budget(0.17, 1.7))
+    assert prediction is not None and prediction.ttft_s >= 0.5
+    # Idle, and vouched for by nothing but the give-up: the request is sent, and measures.
+    dispatched = await dispatch(dispatcher, {"x-triage-priority": priority})
+    assert dispatched.replica is s0
+    dispatched.finish(done())
+    assert s0.ttft_floor.value(time.monotonic()) is None
+    (await dispatch(dispatcher, {"x-triage-priority": priority})).finish(done())
+    assert dispatcher.tracker.snapshot()["cheap"].shed == 0
+
+
+async def test_one_answer_outweighs_a_give_up() -> None:
+    dispatcher = make(FakeSender(), small=("s0",))
+    (s0,) = only_small(dispatcher, "s0")
+    s0.observe_wait(time.monotonic(), 0.6, stream=True)
+    # A critical request is sent whatever the prediction; its answer re-measures the replica.
+    critical = await dispatcher.dispatch(DECISION, parsed(), {}, {}, tenant_priority="critical")
+    critical.finish(done())
+    s0.in_flight = 1  # busy now: only a prediction can admit the next one
+    (await dispatch(dispatcher)).finish(done())
+    s0.in_flight = 0
+
+
+async def test_only_one_probe_at_a_time() -> None:
+    sender = FakeSender({url("s0"): [Script(first_after=0.2)]})
+    dispatcher = make(sender, small=("s0",), rules=TierRules(target=CHEAP, max_queue_s=0.05))
+    (s0,) = only_small(dispatcher, "s0")
+    s0.observe_wait(time.monotonic(), 0.6, stream=True)
+    probe = asyncio.ensure_future(dispatch(dispatcher))
+    await asyncio.sleep(0.02)
+    assert s0.in_flight == 1
+    with pytest.raises(RateLimited):  # the estimate still says it is slow, and it is busy
+        await dispatch(dispatcher)
+    (await probe).finish(done())
+
+
+async def test_an_idle_replica_whose_estimates_went_stale_is_probed() -> None:
+    dispatcher = make(FakeSender(), small=("s0",))
+    (s0,) = only_small(dispatcher, "s0")
+    long_ago = time.monotonic() - 20  # twice `latency_decay_s`: nothing vouches for it now
+    s0.observe(long_ago, first_byte_s=1.0, ttft_s=1.0, itl_s=0.1)
+    dispatched = await dispatch(dispatcher)
+    assert dispatched.replica is s0
+    dispatched.finish(done())
+    # A fresh slow estimate is believed: the replica is idle, yet the next one is refused.
+    slow(s0, 1.0)
+    with pytest.raises(RateLimited):
+        await dispatch(dispatcher)
+
+
+async def test_a_request_that_fits_elsewhere_goes_there_rather_than_probe() -> None:
+    dispatcher = make(FakeSender())
+    for name in ("s0", "s1"):
+        replica_of(dispatcher, name).observe_wait(time.monotonic(), 0.6, stream=True)
+    dispatched = await dispatch(dispatcher)
+    assert dispatched.tier == "large"  # the large tier is predicted to meet the SLO
+    dispatched.finish(done())
+
+
+async def test_no_probe_while_another_replica_of_the_pool_vouches_for_its_predictions() -> None:
+    dispatcher = make(FakeSender())
+    s0, s1 = only_small(dispatcher, "s0", "s1")
+    slow(s0, 1.0)  # answered just now, slowly
+    s1.observe(time.monotonic() - 20, first_byte_s=1.0, ttft_s=1.0)  # last seen slow, idle
+    with pytest.raises(RateLimited):
+        await dispatch(dispatcher, {"x-triage-priority": "sheddable"})
+    s0.observe(time.monotonic() - 20, first_byte_s=1.0, ttft_s=1.0)  # now neither is fresh
+    (await dispatch(dispatcher, {"x-triage-priority": "sheddable"})).finish(done())
+
+
+async def test_stale_estimates_fade_for_critical_requests_too() -> None:
+    dispatcher = make(FakeSender())
+    long_ago = time.monotonic() - 200
+    for name in ("s0", "s1"):
+        replica_of(dispatcher, name).observe(long_ago, first_byte_s=1.0, ttft_s=1.0)
+    critical = await dispatcher.dispatch(DECISION, parsed(), {}, {}, tenant_priority="critical")
+    assert critical.tier == "cheap"  # not sent to the large tier for good
+    critical.finish(done())
+
+
+# --- non-streamed answers: bounded end to end --------------------------------------------
+
+
+async def test_a_non_streamed_answer_is_not_cut_at_the_ttft_timeout() -> None:
+    # Headers come with the whole body, 0.3 s in: long after 2 x the 0.05 s TTFT target.
+    sender = FakeSender({url("s0"): [Script(headers_after=0.3)]})
+    rules = TierRules(target=SloTarget(0.05, 2.0), idempotent=False)
+    dispatcher = make(sender, small=("s0",), rules=rules, timeout_factor=2.0)
+    only_small(dispatcher, "s0")
+    dispatched = await dispatch(dispatcher, stream=False)
+    assert dispatched.replica.url == url("s0") and not dispatched.hedged
+    dispatched.finish(done())
+    assert dispatcher.tracker.snapshot()["cheap"].met == 1
+
+
+async def test_a_hung_non_streamed_request_is_cut_at_the_e2e_timeout() -> None:
+    sender = FakeSender({url("s0"): [Script("hang")]})
+    rules = TierRules(target=SloTarget(0.02, 0.15), idempotent=False)
+    dispatcher = make(sender, small=("s0",), rules=rules, timeout_factor=2.0)
+    only_small(dispatcher, "s0")
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout, match="answered"):
+        await dispatch(dispatcher, stream=False)
+    assert 0.3 <= time.monotonic() - started < 0.5
+    assert in_flight(dispatcher) == 0
+
+
+async def test_a_non_streamed_request_is_hedged_on_its_first_byte_history() -> None:
+    sender = FakeSender({url("s0"): [Script(headers_after=0.3)]})
+    dispatcher = make(sender, rules=TierRules(target=SloTarget(0.05, 2.0)))
+    replica_of(dispatcher, "s1").latency.observe(0.5, time.monotonic())
+    for _ in range(20):
+        dispatcher.tracker.first_byte("cheap", False, 0.1)
+        dispatcher.tracker.first_byte("cheap", True, 0.01)
+    dispatched = await dispatch(dispatcher, stream=False)
+    # Hedged after the non-streamed p95 (0.1 s), not the TTFT's; the copy won.
+    assert dispatched.hedged and dispatched.replica.url == url("s1")
+    dispatched.finish(done())
 
 
 def test_shed_codes() -> None:

@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from gateway.backends import DEFAULTS
 from gateway.pools import (
     Budget,
     HealthChecker,
@@ -167,14 +168,70 @@ def test_track_counts_in_flight() -> None:
 # --- estimates -------------------------------------------------------------------------
 
 
-def test_observe_wait_raises_estimates_only_when_longer() -> None:
-    r = replica()
+def test_a_give_up_is_a_floor_under_the_ttft_until_the_next_answer() -> None:
+    r = replica(latency_decay_s=10.0)
     r.observe(0.0, first_byte_s=0.5, ttft_s=0.5)
     r.observe_wait(0.0, 0.1, stream=True)
-    assert r.latency.value(0.0) == pytest.approx(0.5)
+    assert r.latency.value(0.0) == pytest.approx(0.5)  # a shorter wait says nothing
+    assert r.predict(0.0, 1).ttft_s == pytest.approx(0.5)
     r.observe_wait(0.0, 2.0, stream=True)
     assert r.latency.value(0.0) == pytest.approx(2.0)
-    assert r.ttft.value(0.0) == pytest.approx(0.5 * 0.9 + 2.0 * 0.1)
+    # Not averaged into the TTFT estimate: a floor under it, that fades for every request.
+    assert r.ttft.value(0.0) == pytest.approx(0.5)
+    assert r.predict(0.0, 1, explore=math.inf).ttft_s == pytest.approx(2.0)
+    faded = r.predict(10.0, 1, explore=math.inf).ttft_s
+    assert faded == pytest.approx(2.0 * math.exp(-1))
+    r.observe_wait(10.0, 9.0, stream=False)  # a non-streamed wait is the whole answer's
+    assert r.predict(10.0, 1, explore=math.inf).ttft_s == faded
+    # The next answer outweighs it: the floor goes, the sample moves the estimate.
+    r.observe(10.0, first_byte_s=0.01, ttft_s=0.01)
+    assert r.ttft_floor.value(10.0) is None
+    keep = math.exp(-1)  # of the last estimate, ten seconds (one decay) old
+    estimate = 0.5 * keep + 0.01 * (1 - keep)
+    expected = estimate + (estimate - 0.01) * (1 - keep)
+    assert r.predict(10.0, 1, explore=math.inf).ttft_s == pytest.approx(expected)
+
+
+def test_an_idle_replica_needs_a_probe_after_a_give_up_or_a_long_silence() -> None:
+    r = replica(latency_decay_s=10.0)
+    assert r.needs_probe(0.0)  # never measured
+    r.observe(0.0, first_byte_s=0.01, ttft_s=0.01)
+    assert not r.needs_probe(5.0)  # a recent answer vouches for its estimates
+    assert r.needs_probe(10.5)  # none for `latency_decay_s`
+    r.observe(11.0, first_byte_s=0.01, ttft_s=0.01)
+    r.observe_wait(11.0, 1.0, stream=True)
+    assert r.needs_probe(11.0)  # its TTFT rests on a give-up
+    assert r.needs_probe(200.0)  # until an answer, however long ago
+    r.begin(11.0)
+    assert not r.needs_probe(11.0)  # one at a time: a request of ours is in flight
+    r.end(probe=False)
+    r.throttle(11.0, 5.0)
+    assert not r.needs_probe(12.0)  # its Retry-After is honoured
+    r.throttled_until = 0.0
+    r.observe_load(Load(running=1, waiting=2), 11.0)
+    assert not r.needs_probe(11.5)  # it reports a queue: not idle
+    assert r.needs_probe(12.5)  # the report went stale
+    r.observe(12.5, ttft_s=0.01)
+    assert not r.needs_probe(12.5)
+
+
+def test_a_pool_is_probed_only_when_no_replica_is_vouched_for() -> None:
+    p = pool(2)
+    now = time.monotonic()
+    for r in p.replicas:
+        r.observe(now, first_byte_s=0.01, ttft_s=0.01)
+    assert p.probe_target(now) is None
+    first, second = p.replicas
+    second.observe_wait(now, 1.0, stream=True)
+    # The other replica answered just now: the pool's predictions rest on that.
+    assert not second.vouched(now) and second.needs_probe(now)
+    assert p.probe_target(now) is None
+    first.observe_wait(now, 1.0, stream=True)
+    assert p.probe_target(now) is first
+    first.mark_down(now)
+    assert p.probe_target(now) is second
+    second.begin(now)
+    assert p.probe_target(now) is None
 
 
 def test_queued_ttft_is_not_a_base_ttft() -> None:
@@ -312,7 +369,7 @@ def test_ttft_predictions_include_the_usual_deviation() -> None:
     r.observe(0.0, ttft_s=0.2)
     r.observe(0.0, ttft_s=0.3)
     assert r.ttft.value(0.0) == pytest.approx(0.21)
-    assert r.predict(0.0, 1, explore=math.inf).ttft_s == pytest.approx(0.21 + 0.01)
+    assert r.predict(0.0, 1, explore=math.inf).ttft_s == pytest.approx(0.21 + 0.009)
 
 
 # --- pools -----------------------------------------------------------------------------
@@ -435,11 +492,188 @@ async def test_health_checker_ejects_and_readmits() -> None:
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
         await checker.check_all(client)
         assert p.replicas[0].state == "closed"
-        assert p.replicas[1].state == "open"
+        assert p.replicas[1].state == "open" and p.replicas[1].hard_down
+        assert p.replicas[1].ejections_by_reason == {"connect_refused": 1}
         down.clear()
         await checker.check_all(client)
     assert p.replicas[1].state == "half_open"
     assert p.replicas[1].available(time.monotonic())
+
+
+@pytest.mark.parametrize("status", [404, 405, 501])
+async def test_a_server_without_a_health_endpoint_is_never_ejected_for_it(status: int) -> None:
+    """llama-cpp-python, Ollama's /v1 and hosted APIs answer 404 on /health: not "down"."""
+    p = pool(2)
+    asked: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(str(request.url))
+        return httpx.Response(status)
+
+    checker = HealthChecker([p], interval_s=60)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        for _ in range(5):
+            await checker.check_all(client)
+    assert all(r.state == "closed" and r.ejections == 0 for r in p.replicas)
+    assert len(asked) == 2  # then not asked again for a minute
+
+
+async def test_health_probes_go_to_the_backends_path_or_nowhere() -> None:
+    asked: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(str(request.url))
+        return httpx.Response(200)
+
+    ollama, hosted = pool(1), pool(1)
+    ollama.backend = DEFAULTS["ollama"]  # GET / answers "Ollama is running"
+    hosted.backend = DEFAULTS["openai"]  # no health path: passive checks only
+    checker = HealthChecker([ollama, hosted], interval_s=60)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        await checker.check_all(client)
+    assert asked == ["http://r0:8000/"]
+
+
+async def test_health_timeouts_eject_after_two_in_a_row_a_5xx_at_once() -> None:
+    p = pool(4)
+    answers = {
+        "http://r0:8000/health": "timeout",
+        "http://r1:8000/health": 503,
+        "http://r2:8000/health": 200,
+        "http://r3:8000/health": 200,
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        answer = answers[str(request.url)]
+        if answer == "timeout":
+            raise httpx.ReadTimeout("slow")
+        return httpx.Response(int(answer))
+
+    checker = HealthChecker([p], interval_s=60)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        await checker.check_all(client)
+        assert [r.state for r in p.replicas] == ["closed", "open", "closed", "closed"]
+        assert p.replicas[1].hard_down  # the server said it cannot serve
+        await checker.check_all(client)
+    slow_one = p.replicas[0]
+    assert slow_one.state == "open" and not slow_one.hard_down
+    assert slow_one.ejections_by_reason == {"health_probe_failed": 1}
+
+
+def test_answered_errors_never_eject_a_replica_alone_in_its_pool() -> None:
+    p = pool(1)
+    r = p.replicas[0]
+    for i in range(500):
+        r.errored(float(i) / 100)
+    assert r.state == "closed" and r.failures == 0 and r.ejections == 0
+
+
+def test_answered_errors_every_replica_gives_alike_eject_none() -> None:
+    p = pool(3)
+    for i in range(300):
+        now = i / 100
+        for r in p.replicas:
+            if i % 3:
+                r.errored(now)
+            else:
+                r.succeeded(now)
+    assert all(r.state == "closed" for r in p.replicas)
+
+
+def test_a_replica_failing_far_more_than_its_peers_is_an_outlier(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    p = pool(2)
+    broken, good = p.replicas
+    for i in range(19):
+        good.succeeded(i / 100)
+        broken.errored(i / 100)
+    good.succeeded(0.2)
+    assert broken.state == "closed"  # 19 answers: too few to judge
+    with caplog.at_level("WARNING", logger="triage"):
+        broken.errored(0.2)
+    assert broken.state == "open" and not broken.hard_down
+    assert broken.ejections_by_reason == {"outlier": 1}
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "triage"]
+    assert broken.url in line and "model m" in line and "outlier" in line
+    assert "cooldown 1.0 s" in line
+
+
+def test_unanswered_failures_still_eject_at_once_after_failures_to_open() -> None:
+    p = pool(2)
+    r = p.replicas[0]
+    for _ in range(3):
+        r.failed(1.0)
+    assert r.state == "open" and r.ejections_by_reason == {"failures": 1}
+
+
+def test_ejection_on_suspicion_is_capped_but_refused_connections_are_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    p = pool(2)  # max_ejected_percent 50: one of two
+    first, second = p.replicas
+    for _ in range(3):
+        first.failed(1.0)
+    with caplog.at_level("WARNING", logger="triage"):
+        for _ in range(3):
+            second.failed(1.0)
+    assert (first.state, second.state) == ("open", "closed")
+    assert any("is kept" in r.getMessage() for r in caplog.records)
+    second.mark_down(1.0)  # nothing listens: out whatever the cap
+    assert second.state == "open" and second.hard_down
+
+
+def test_a_pool_of_suspects_panics_and_keeps_serving() -> None:
+    p = Pool.from_urls(
+        "m",
+        ["http://r0:8000/v1", "http://r1:8000/v1", "http://r2:8000/v1"],
+        None,
+        None,
+        settings=dataclasses.replace(SETTINGS, max_ejected_percent=100),
+    )
+    now = time.monotonic()
+    refused, *suspects = p.replicas
+    refused.mark_down(now)
+    for r in suspects:
+        for _ in range(3):
+            r.failed(now)
+    assert all(r.state == "open" for r in p.replicas)
+    assert p.panicking(now) and p.healthy()
+    assert {p.pick() for _ in range(20)} == set(suspects)  # never the one that refused
+    chosen = p.pick()
+    assert chosen is not None and chosen.begin(now) is False  # not taken for a probe
+    chosen.end(False)
+    refused_only = pool(1)
+    refused_only.replicas[0].mark_down(now)
+    assert not refused_only.panicking(now) and not refused_only.healthy()
+
+
+def test_a_panic_ends_when_a_breaker_lets_a_probe_through() -> None:
+    p = pool(1)
+    r = p.replicas[0]
+    for _ in range(3):
+        r.failed(0.0)
+    assert p.panicking(0.5) and r.available(0.5)
+    assert not p.panicking(1.0) and r.takes_probe(1.0)  # its cooldown ended: a probe
+    r.failed(0.6)  # a request sent in the panic: the ejection already runs
+    assert r.down_until == 1.0
+
+
+def test_an_answer_ends_an_ejection_for_no_answer_and_the_return_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    p = pool(2)
+    r = p.replicas[0]
+    r.mark_down(0.0)
+    r.begin(1.0)
+    r.end(probe=True)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="triage"):
+        r.errored(1.0)  # it answers again: what it answers is the outlier check's business
+    assert r.state == "closed"
+    assert [m.getMessage() for m in caplog.records] == [
+        "replica http://r0:8000/v1 (model m) is back in rotation"
+    ]
 
 
 async def test_health_checker_starts_and_stops() -> None:

@@ -83,6 +83,9 @@ def test_deadline() -> None:
     deadline = Deadline(100.0, TIER, timeout_factor=2.0)
     assert (deadline.ttft_at, deadline.e2e_at) == (100.5, 105.0)
     assert (deadline.ttft_timeout_at, deadline.e2e_timeout_at) == (101.0, 110.0)
+    # A non-streamed answer's first byte comes with its last: only the e2e timeout bounds it.
+    assert deadline.first_byte_timeout_at(stream=True) == 101.0
+    assert deadline.first_byte_timeout_at(stream=False) == 110.0
     assert deadline.budget(100.1) == pytest.approx((0.4, 4.9))
     assert deadline.budget(100.0, 0.8) == pytest.approx((0.4, 4.0))
     open_ended = Deadline(100.0, None)
@@ -111,13 +114,27 @@ def test_ewma_weighs_each_sample_at_least_a_tenth_and_fades_when_idle() -> None:
     e.observe(1.0, 0.0)
     e.observe(2.0, 0.0)
     assert e.value(0.0) == pytest.approx(1.1)
-    assert e.spread() == pytest.approx(0.1)  # |2 - 1| x 0.1
+    assert e.spread(0.0) == pytest.approx(0.09)  # |2 - 1.1| x 0.1
     assert e.value(10.0) == pytest.approx(1.1)  # unless asked to, it does not fade
     assert e.value(10.0, fade_after_s=0.0) == pytest.approx(1.1 * math.exp(-1))
     assert e.value(15.0, fade_after_s=5.0) == pytest.approx(1.1 * math.exp(-1))
     assert e.value(4.0, fade_after_s=5.0) == pytest.approx(1.1)
+    # The deviation fades with the estimate: an old outlier must not keep it high for good.
+    assert e.spread(10.0) == pytest.approx(0.09)
+    assert e.spread(15.0, fade_after_s=5.0) == pytest.approx(0.09 * math.exp(-1))
     e.reset()
-    assert e.value(10.0) is None and e.spread() == 0.0
+    assert e.value(10.0) is None and e.spread(10.0) == 0.0
+
+
+def test_ewma_after_a_long_gap_follows_the_new_level() -> None:
+    e = Ewma(decay_s=10.0)
+    e.observe(1.0, 0.0)
+    e.observe(0.0, 30.0)  # a level that moved while nothing was measured
+    fade = math.exp(-3)
+    assert e.value(30.0) == pytest.approx(fade)
+    # Measured from the estimate the sample moved: a level shift is not taken for noise.
+    assert e.spread(30.0) == pytest.approx(fade * (1 - fade))
+    assert e.value(30.0) + e.spread(30.0) < 0.1  # type: ignore[operator]
 
 
 def test_itl_grows_with_the_batch() -> None:
