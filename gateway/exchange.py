@@ -3,16 +3,21 @@
 Every way a request can end (a JSON body read, a stream relayed to `[DONE]`, an error,
 a client that went away) goes through `Exchange.finish`, once: the replica's in-flight
 count drops, the cache entry is committed only for a complete answer, the budget
-reservation is settled with what was really generated, and telemetry gets the record.
+reservation is settled with what was really generated (counted here when the backend
+reported no usage: see `gateway/tokenize.py`), and telemetry gets the record.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
 
 from gateway.api.request import ParsedRequest
 from gateway.auth import Caller
@@ -25,9 +30,17 @@ from gateway.policy import Price
 from gateway.pools import Pool, Replica
 from gateway.router import Decision
 from gateway.telemetry import RequestRecord, Telemetry
-from gateway.upstream import Outcome
+from gateway.tokenize import (
+    Answer,
+    Tokenizer,
+    answer_from_body,
+    answer_from_events,
+    estimate,
+)
+from gateway.upstream import Outcome, event_data
 
 OVERHEAD_HEADER = "x-triage-overhead-ms"
+_CHUNK_OBJECTS = {"chat": "chat.completion.chunk", "completions": "text_completion"}
 
 
 def new_request_id() -> str:
@@ -53,6 +66,8 @@ class Exchange:
     headers: dict[str, str] = field(default_factory=dict)
     feedback: FeedbackLog | None = None
     upstream_s: float = 0.0  # spent waiting on the backend before the response starts
+    tokenizer: Tokenizer | None = None
+    kept: list[bytes] | None = None  # a stream's batches, kept when its backend reports no usage
     _finished: bool = False
 
     def __post_init__(self) -> None:
@@ -101,8 +116,55 @@ class Exchange:
         else:
             await self._settle()
 
+    async def count_usage(self) -> None:
+        """Give `outcome.usage` a count when the backend reported none (llama-cpp-python's
+        streams never do): from the replica's tokenizer, else estimated; marked either way."""
+        outcome, pool, replica = self.outcome, self.pool, self.replica
+        if outcome.usage is not None or pool is None or replica is None:
+            return
+        if not (outcome.completed or outcome.events):
+            return  # nothing was generated
+        kind = self.parsed.kind
+        if self.kept is not None:
+            answer = answer_from_events(kind, self.kept)
+        elif self.record.response_body is not None:
+            answer = answer_from_body(kind, self.record.response_body)
+        else:  # cut off before its usage chunk: one token per event after the role chunk
+            answer = Answer(None, max(outcome.events - 1, 0))
+        if self.tokenizer is None:
+            usage = estimate(self.parsed, answer)
+        else:
+            # Until `finish`, this request is one of the replica's own in flight.
+            others = replica.in_flight - (0 if self._finished else 1)
+            with self.record.trace.span("triage.usage.count"):
+                usage = await self.tokenizer.usage(
+                    self.parsed, pool, replica, answer, others_in_flight=others
+                )
+        outcome.usage = usage.as_dict(kind)
+        outcome.counted = usage.source
+
+    def usage_event(self) -> bytes:
+        """The last chunk of a stream whose client asked for usage, as OpenAI sends it:
+        no choices, the usage, and the stream's id and creation time."""
+        chunk: dict[str, Any] = {}
+        data = event_data(self.kept[0].split(b"\n\n", 1)[0]) if self.kept else None
+        with contextlib.suppress(orjson.JSONDecodeError):
+            first = orjson.loads(data) if data is not None else None
+            if isinstance(first, dict):
+                names = ("id", "created", "system_fingerprint")
+                chunk = {name: first[name] for name in names if name in first}
+        chunk.setdefault("id", f"chatcmpl-{self.record.request_id}")
+        chunk["object"] = _CHUNK_OBJECTS.get(self.parsed.kind, "chat.completion.chunk")
+        chunk.setdefault("created", int(time.time()))
+        chunk["model"] = self.pool.model if self.pool is not None else self.parsed.model
+        chunk["choices"] = []
+        chunk["usage"] = self.outcome.usage
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
     async def _settle(self) -> None:
         outcome, record = self.outcome, self.record
+        if self.pool is not None:
+            await self.count_usage()
         if self.recorder is not None:
             same_model = (
                 self.plan is not None
@@ -115,11 +177,6 @@ class Exchange:
                 await self.recorder.abandon()
         if self.pool is not None:
             record.add_outcome(outcome)
-            if outcome.usage is None and outcome.events:
-                # Cut off before the usage chunk: bill what was generated (one token per
-                # event after the role chunk) against the prompt estimate.
-                record.prompt_tokens = self.parsed.estimated_prompt_tokens()
-                record.completion_tokens = max(outcome.events - 1, 0)
             price = self.prices[self.pool.model]
             record.cost_usd = price.cost(record.prompt_tokens, record.completion_tokens)
         if self.reservation is not None:

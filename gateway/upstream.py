@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -25,6 +27,9 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.pools import Pool, Replica
+
+if TYPE_CHECKING:
+    from gateway.tokenize import UsageSource
 
 DONE_EVENT = b"data: [DONE]\n\n"
 
@@ -44,6 +49,14 @@ class Outcome:
     error: TriageError | None = None
     events: int = 0  # data events relayed: ~one token each, for streams cut off before usage
     finish_reasons: tuple[str, ...] = ()  # each choice's, as the backend reported them
+    counted: UsageSource | None = None  # set when the gateway counted `usage` itself
+
+    @property
+    def usage_source(self) -> UsageSource | None:
+        """Who counted `usage`: the backend, its tokenizer asked by the gateway, or an estimate."""
+        if self.usage is None:
+            return None
+        return self.counted or "backend"
 
     @property
     def prompt_tokens(self) -> int:
@@ -112,8 +125,13 @@ class Upstream:
         return response
 
     async def read(
-        self, replica: Replica, response: aiohttp.ClientResponse, outcome: Outcome
+        self,
+        replica: Replica,
+        response: aiohttp.ClientResponse,
+        outcome: Outcome,
+        model: str | None = None,
     ) -> bytes:
+        """The whole JSON body, its `"model"` made `model` (the policy's name) if given."""
         try:
             with _ConvertedErrors(replica):
                 payload = await response.read()
@@ -127,6 +145,11 @@ class Upstream:
             raise UpstreamError("The backend replica sent a response that is not JSON.") from exc
         outcome.finish_reasons = finish_reasons(reply)
         outcome.completed = True
+        answered = reply.get("model")
+        if model is not None and isinstance(answered, str) and answered != model:
+            rename = model_rename(answered, model)
+            if rename is not None:
+                payload = rename(payload)
         return payload
 
     async def events(
@@ -144,16 +167,19 @@ class Upstream:
         outcome: Outcome,
         strip_usage_chunk: bool,
         batches: AsyncIterator[bytes] | None = None,
+        rename: ModelRename | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """Relay SSE events as they arrive, a batch at a time (see `iter_event_batches`;
-        from `batches` when given, which may hold some already read); end a failed stream
-        with an error event."""
+        from `batches` when given, which may hold some already read), the backend's model
+        name replaced by `rename`; end a failed stream with an error event."""
         source = batches if batches is not None else iter_event_batches(response.content)
         try:
             with _ConvertedErrors(replica):
                 async for batch in source:
                     if outcome.first_token_at is None:
                         outcome.first_token_at = time.perf_counter()
+                        if rename is not None:
+                            rename = rename.narrowed(batch)
                     if _needs_reading(batch):
                         batch = _read_batch(batch, outcome, strip_usage_chunk)
                     else:
@@ -161,6 +187,8 @@ class Upstream:
                     if strip_usage_chunk:
                         # Usage was our request, not the client's: leave no trace of it.
                         batch = batch.replace(b',"usage":null', b"")
+                    if rename is not None:
+                        batch = rename(batch)
                     if batch:
                         yield batch
                     if outcome.completed:
@@ -179,6 +207,41 @@ class Upstream:
                 response.release()
             else:
                 response.close()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRename:
+    """The backend's name for a model made the policy's, in the `"model"` fields of JSON.
+
+    Clients see only names they can ask for; a served name is the backend's business. A
+    bytes replace of `"model":"<served>"` (compact, or with a space as Python's json.dumps
+    writes it): a JSON string inside a value has its quotes escaped, so never matches.
+    """
+
+    pairs: tuple[tuple[bytes, bytes], ...]
+
+    def __call__(self, data: bytes) -> bytes:
+        for old, new in self.pairs:
+            data = data.replace(old, new)
+        return data
+
+    def narrowed(self, sample: bytes) -> ModelRename:
+        """Only the spellings `sample` uses: a stream keeps to one, one scan per batch."""
+        found = tuple(pair for pair in self.pairs if pair[0] in sample)
+        return ModelRename(found) if found else self
+
+
+@functools.lru_cache(maxsize=1024)
+def model_rename(served: str, model: str) -> ModelRename | None:
+    """The rename from `served` to `model`; None when they are the same (nothing to do)."""
+    if served == model:
+        return None
+    new = orjson.dumps(model)
+    pairs: dict[bytes, bytes] = {}
+    for old in {orjson.dumps(served), json.dumps(served).encode()}:  # json.dumps: \u escapes
+        for colon in (b":", b": "):
+            pairs[b'"model"' + colon + old] = b'"model"' + colon + new
+    return ModelRename(tuple(pairs.items()))
 
 
 # What makes an event more than a plain token chunk: the end of the stream, a usage report
@@ -274,7 +337,10 @@ def status_error(status: int, payload: bytes, retry_after: str | None) -> Upstre
         None,
     )
     with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
-        error = orjson.loads(payload).get("error")
+        body = orjson.loads(payload)
+        error = body.get("error")
+        if error is None and body.get("object") == "error":
+            error = body  # SGLang's and vLLM's (before ~0.9) flat shape
         if isinstance(error, dict):
             message = str(error.get("message") or message)
             error_type, code, param = error.get("type"), error.get("code"), error.get("param")

@@ -188,3 +188,96 @@ async def test_post_sends_the_body_as_json_with_the_given_headers_and_key() -> N
     assert headers["Content-Length"] == str(len(body))
     assert headers["Authorization"] == "Bearer sk-backend"
     assert headers["traceparent"] == "00-x"
+
+
+# --- the model name clients see -----------------------------------------------------------
+
+
+def test_no_rename_when_the_backend_knows_the_model_by_the_policy_name() -> None:
+    from gateway.upstream import model_rename
+
+    assert model_rename("tiny-large", "tiny-large") is None
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        b'{"id":"c","model":"tiny-large-srv","choices":[]}',
+        b'{"id": "c", "model": "tiny-large-srv", "choices": []}',
+    ],
+    ids=["compact", "json.dumps"],
+)
+def test_the_served_name_becomes_the_policy_name(written: bytes) -> None:
+    from gateway.upstream import model_rename
+
+    rename = model_rename("tiny-large-srv", "tiny-large")
+    assert rename is not None
+    assert orjson.loads(rename(written))["model"] == "tiny-large"
+
+
+def test_a_served_name_inside_generated_text_is_left_alone() -> None:
+    from gateway.upstream import model_rename
+
+    rename = model_rename("srv", "public")
+    assert rename is not None
+    text = orjson.dumps({"model": "srv", "choices": [{"text": '{"model":"srv"} and srv'}]})
+    renamed = orjson.loads(rename(text))
+    assert renamed == {"model": "public", "choices": [{"text": '{"model":"srv"} and srv'}]}
+
+
+def test_a_non_ascii_served_name_written_with_escapes_is_renamed() -> None:
+    import json
+
+    from gateway.upstream import model_rename
+
+    rename = model_rename("modèle", "m")
+    assert rename is not None
+    for written in (json.dumps({"model": "modèle"}), orjson.dumps({"model": "modèle"}).decode()):
+        assert orjson.loads(rename(written.encode())) == {"model": "m"}
+
+
+async def test_relay_renames_the_model_in_every_chunk() -> None:
+    from gateway.upstream import Outcome, Upstream, model_rename
+
+    def named(content: str | None, finish: str | None = None) -> bytes:
+        choices = [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]
+        return b"data: " + orjson.dumps({"model": "srv", "choices": choices}) + b"\n\n"
+
+    body = named("a") + named("b") + named("", "stop") + b"data: [DONE]\n\n"
+    upstream = Upstream(None, 5, 1)  # type: ignore[arg-type]
+    response: Any = FakeResponse(body)  # events split across reads
+    rename = model_rename("srv", "public")
+    relayed = b"".join(
+        [b async for b in upstream.relay(REPLICA, response, Outcome(), True, None, rename)]
+    )
+    chunks = [orjson.loads(e[6:]) for e in relayed.split(b"\n\n") if e.startswith(b"data: {")]
+    assert [c["model"] for c in chunks] == ["public"] * 3
+
+
+@pytest.mark.parametrize("answered", ["srv", "/models/tiny.gguf"])
+async def test_read_gives_a_json_answer_the_policy_name(answered: str) -> None:
+    """Whatever name the backend answers with (its served name, a model path)."""
+    from gateway.upstream import Outcome, Upstream
+
+    body = orjson.dumps({"model": answered, "choices": [], "usage": {"prompt_tokens": 1}})
+    upstream = Upstream(None, 5, 1)  # type: ignore[arg-type]
+    response: Any = FakeResponse(body)
+    payload = await upstream.read(REPLICA, response, Outcome(), "public")
+    assert orjson.loads(payload)["model"] == "public"
+    unchanged = await upstream.read(REPLICA, FakeResponse(body), Outcome(), answered)  # type: ignore[arg-type]
+    assert unchanged is body
+
+
+def test_usage_source_says_who_counted() -> None:
+    from gateway.upstream import Outcome
+
+    assert Outcome().usage_source is None
+    assert Outcome(usage={"prompt_tokens": 1}).usage_source == "backend"
+    assert Outcome(usage={"prompt_tokens": 1}, counted="tokenized").usage_source == "tokenized"
+
+
+def test_a_flat_error_body_keeps_its_message() -> None:
+    """SGLang (and vLLM before ~0.9) answer `{"object": "error", "message", ...}`."""
+    body = b'{"object": "error", "message": "bad penalty", "type": "Bad Request", "code": 400}'
+    error = status_error(400, body, None)
+    assert (error.status_code, error.message) == (400, "bad penalty")
