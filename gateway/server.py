@@ -6,7 +6,8 @@ and coroutines. Its server also re-raises the SIGTERM it handled once it has dra
 clean shutdown exits with -15. This module adds a header limit (431), a deadline to read
 each request (408), the shutdown deadline streams watch (in worker processes too), and exit
 status 0. It also tells each request when its connection is lost (`ConnectionLost`), which
-saves the request a task that would wait on `receive` for it.
+saves the request a task that would wait on `receive` for it. Requests the HTTP parser
+refuses get the API's JSON error (400, 413 or 505), not uvicorn's plain-text 400.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import asyncio
 import collections
 import functools
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from types import FrameType
 from typing import Any
 
@@ -38,6 +41,27 @@ class ConnectionLimits:
 
 class _HeadTooLarge(Exception):
     pass
+
+
+# What llhttp's refusals (the messages of httptools' exceptions) are answered with, where
+# 400 is not the right status; every other refusal is a 400 that quotes the parser.
+_PARSER_REFUSALS = {
+    "Invalid HTTP version": (
+        505,
+        "Only HTTP/1.1 and HTTP/1.0 are served here.",
+        "http_version_not_supported",
+    ),
+    "Pause on PRI/Upgrade": (  # the HTTP/2 connection preface, sent without negotiation
+        505,
+        "HTTP/2 is not served here (no prior knowledge, no h2c): use HTTP/1.1.",
+        "http_version_not_supported",
+    ),
+    "Content-Length overflow": (
+        413,
+        "The declared Content-Length is larger than any request this server accepts.",
+        "request_too_large",
+    ),
+}
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -106,16 +130,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
 
     def send_400_response(self, msg: str) -> None:
-        if not self._head_too_large:
-            super().send_400_response(msg)
+        """uvicorn calls this from its `except httptools.HttpParserError` block: the
+        exception being handled says what the parser refused."""
+        if self._head_too_large:
+            limits = self.limits
+            self._refuse(
+                431,
+                f"Request headers exceed the limit of {limits.max_header_bytes} bytes "
+                f"or {limits.max_headers} headers.",
+                "request_header_fields_too_large",
+            )
             return
-        limits = self.limits
-        self._refuse(
-            431,
-            f"Request headers exceed the limit of {limits.max_header_bytes} bytes "
-            f"or {limits.max_headers} headers.",
-            "request_header_fields_too_large",
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            self.transport.close()  # an answer is under way: another would corrupt it
+            return
+        reason = str(sys.exc_info()[1] or "").strip() or "unreadable request"
+        status, message, code = _PARSER_REFUSALS.get(
+            reason,
+            (400, f"The request is not valid HTTP/1.1: {reason}.", "invalid_http_request"),
         )
+        self._refuse(status, message, code)
 
     # --- read deadline: from a request's first byte to its last -----------------------
 
@@ -151,7 +186,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
         body = orjson.dumps({"error": error})
-        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        reason = HTTPStatus(status).phrase.encode()
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
             b"connection: close\r\n\r\n%s" % (status, reason, len(body), body)

@@ -1,12 +1,17 @@
 """The shared state backend (Redis, Redis Cluster or in-process) that cache and budgets use.
 
 Redis trouble never hangs a request. Every Redis call runs inside a deadline of
-`timeout_ms` (sockets use the same timeout, redis-py's own retries are off) and behind
-a `CircuitBreaker`: after `breaker_failures` consecutive failures calls fail at once
-without touching the network, and after `breaker_reset_s` one probe call is let through
-to find out whether Redis is back. redis-py's exceptions are converted to
-`StoreUnavailable` here and nowhere else, so callers choose fail-open or fail-closed.
-On a cluster, the slot map is read outside the per-call deadline (see `_cluster_ready`).
+`timeout_ms` (redis-py's own retries are off) and behind a `CircuitBreaker`: after
+`breaker_failures` consecutive failures calls fail at once without touching the network,
+and after `breaker_reset_s` one probe call is let through to find out whether Redis is
+back. redis-py's exceptions are converted to `StoreUnavailable` here and nowhere else, so
+callers choose fail-open or fail-closed. On a cluster, the slot map is read outside the
+per-call deadline (see `_cluster_ready`).
+
+The deadline counts only the time this process's event loop was free to read a reply
+(`_LoopLag`, `_Deadline`): a reply that arrived while the loop was busy with the gateway's
+own work is not a Redis failure. A call whose reply the loop could not get to within
+`_LAG_ALLOWANCE_S` more fails without a verdict on Redis (the breaker does not count it).
 """
 
 from __future__ import annotations
@@ -41,6 +46,12 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+# How many times per timeout the loop-lag monitor checks the loop; a stall shorter than
+# one tick can go unseen, so a call gets at least 4/5 of its timeout of free loop time.
+_LAG_TICKS_PER_TIMEOUT = 5
+# A call whose reply the loop was too busy to read waits at most this long past its
+# timeout; redis-py's socket timeouts, a backstop only, are set past it.
+_LAG_ALLOWANCE_S = 1.0
 _SCAN_COUNT = 500
 _CLUSTER_SETUP_TIMEOUT_S = 5.0
 _PING_WAIT_S = 1.0
@@ -68,6 +79,10 @@ class StoreCommandError(StoreUnavailable):
 
 class _LayoutPending(StoreUnavailable):
     """A cluster's slot map is still being read (at start-up, after a topology change)."""
+
+
+class _LoopBusy(StoreUnavailable):
+    """No reply was read in time, but this process's event loop, not Redis, was too busy."""
 
 
 class Store(Protocol):
@@ -169,6 +184,117 @@ class CircuitBreaker:
             self._probe_started = None
 
 
+class _LoopLag:
+    """How long this event loop was too busy to run a callback on time, while calls wait.
+
+    A timer that runs late proves the loop spent the delay on other work, and a reply that
+    arrived meanwhile sat unread. `stalled_s` only grows: a call keeps its value at the
+    start and subtracts. Ticks run only while some call is in flight.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.stalled_s = 0.0
+        self._seen = 0.0  # loop time up to which stalls are counted
+        self._due = 0.0  # when the next tick should run
+        self._users = 0
+        self._tick: asyncio.TimerHandle | None = None
+
+    def enter(self, loop: asyncio.AbstractEventLoop) -> float:
+        """A call starts: returns the stall so far, counting a tick that is overdue now."""
+        self._users += 1
+        now = loop.time()
+        if self._tick is None:
+            self._seen = now
+            self._schedule(loop, now)
+        else:
+            self.late(self._due, now)
+        return self.stalled_s
+
+    def leave(self) -> None:
+        self._users -= 1
+        if self._users == 0 and self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+
+    def late(self, due: float, now: float) -> None:
+        """A callback due at `due` ran at `now`: the loop was busy in between."""
+        if now > due and now > self._seen:
+            self.stalled_s += now - max(due, self._seen)
+            self._seen = now
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
+        self._due = now + self.interval_s
+        self._tick = loop.call_at(self._due, self._ticked, loop)
+
+    def _ticked(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        self.late(self._due, now)
+        self._seen = max(self._seen, now)
+        self._schedule(loop, now)
+
+
+class _Deadline:
+    """`timeout_s` of time the loop was free to read a reply, within `timeout_s` plus
+    `_LAG_ALLOWANCE_S` in all; raises `TimeoutError`, or `_LoopBusy` past the allowance."""
+
+    def __init__(self, lag: _LoopLag, timeout_s: float, operation: str) -> None:
+        self._lag = lag
+        self._timeout_s = timeout_s
+        self._operation = operation
+        self._loop = asyncio.get_running_loop()
+        self._timeout = asyncio.timeout(None)
+        self._check: asyncio.TimerHandle | None = None
+        self._start = self._mark = 0.0
+        self._busy = self._last_look = False
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+        self._start = self._loop.time()
+        self._mark = self._lag.enter(self._loop)
+        self._arm(self._start + self._timeout_s)
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        if self._check is not None:
+            self._check.cancel()
+        self._lag.leave()
+        try:
+            await self._timeout.__aexit__(*exc_info)
+        except TimeoutError as exc:
+            if self._busy:
+                raise _LoopBusy(
+                    f"redis {self._operation}: no reply read within "
+                    f"{self._timeout_s + _LAG_ALLOWANCE_S:g} s: this process was too busy"
+                ) from exc
+            raise
+
+    def _arm(self, when: float) -> None:
+        self._check = self._loop.call_at(when, self._expired, when)
+
+    def _expired(self, due: float) -> None:
+        now = self._loop.time()
+        self._lag.late(due, now)
+        elapsed = now - self._start
+        free = elapsed - (self._lag.stalled_s - self._mark)
+        give_up = self._timeout_s + _LAG_ALLOWANCE_S
+        # Re-armed only for a real shortfall: a timer's own small lateness counts as a
+        # stall too, and chasing it in ever smaller steps would never end.
+        short = self._timeout_s - free > self._lag.interval_s / 2
+        if short and elapsed < give_up:
+            # The loop was busy for part of the time: Redis gets what it missed.
+            self._arm(now + min(self._timeout_s - free, give_up - elapsed))
+            return
+        if short and not self._last_look:
+            # Past the allowance, but a reply that came in while the loop was blocked may
+            # be read just now: give the loop a moment to get to it before giving up.
+            self._last_look = True
+            self._arm(now + self._lag.interval_s / 2)
+            return
+        self._busy = short
+        self._check = None
+        self._timeout.reschedule(now)
+
+
 @contextlib.contextmanager
 def _converted_errors(operation: str) -> Iterator[None]:
     try:
@@ -215,9 +341,13 @@ class RedisStore:
         self.prefix = _check_prefix(settings.key_prefix)
         self.timeout_s = settings.timeout_ms / 1000
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s, clock)
+        self._lag = _LoopLag(self.timeout_s / _LAG_TICKS_PER_TIMEOUT)
+        # redis-py times its reads by the wall clock, busy loop included: a backstop only,
+        # past the longest `_Deadline`, which is what bounds a call.
+        backstop_s = self.timeout_s + _LAG_ALLOWANCE_S + 1
         options: dict[str, Any] = {
-            "socket_timeout": self.timeout_s,
-            "socket_connect_timeout": self.timeout_s,
+            "socket_timeout": backstop_s,
+            "socket_connect_timeout": backstop_s,
             # redis-py's own retries (10, with backoff, by default) would multiply the time a
             # failing call costs; `_run` retries once, and only where that is cheap and safe.
             "retry": Retry(NoBackoff(), 0),
@@ -246,7 +376,7 @@ class RedisStore:
         try:
             with _converted_errors(operation):
                 await self._cluster_ready(self.timeout_s)
-                async with asyncio.timeout(self.timeout_s):
+                async with _Deadline(self._lag, self.timeout_s, operation):
                     try:
                         result = await call()
                     except redis_errors.ConnectionError:
@@ -261,6 +391,9 @@ class RedisStore:
             raise
         except _LayoutPending:
             self.breaker.cancel()  # not a failure: the cluster answers, just slowly
+            raise
+        except _LoopBusy:
+            self.breaker.cancel()  # not a failure of Redis: this process was too busy
             raise
         except StoreUnavailable:
             self.breaker.failure()

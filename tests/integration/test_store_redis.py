@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from redis.crc import key_slot
 
+from gateway import store as store_module
 from gateway.policy import StoreSettings
 from gateway.store import (
     EmbeddedStore,
@@ -337,5 +341,163 @@ async def test_redis_down_at_start_then_up(fresh_redis: RedisServer) -> None:
         fresh_redis.start()
         await asyncio.sleep(0.15)
         assert await store.ping() is True
+    finally:
+        await store.close()
+
+
+# --- a busy event loop is not a Redis failure ------------------------------------------
+
+_COUNT = "return redis.call('incr', KEYS[1])"
+LOOP_BLOCK_S = 0.2  # four times the call's timeout
+
+
+def waiting_for_reply(call: asyncio.Future[Any]) -> bool:
+    """Whether the call has sent its request and now waits for the reply."""
+    assert isinstance(call, asyncio.Task)
+    awaited: Any = call.get_coro()
+    while awaited is not None:
+        if getattr(awaited, "cr_code", None) and awaited.cr_code.co_name == "read_response":
+            return True
+        awaited = getattr(awaited, "cr_await", None)
+    return False
+
+
+def hold_loop_once(
+    until: Callable[[], bool], then: Callable[[], None], block_s: float = LOOP_BLOCK_S
+) -> None:
+    """As soon as `until()` holds (checked once per loop iteration, without blocking),
+    run `then()` and block the event loop for `block_s`: a deliberate loop block."""
+    if not until():
+        asyncio.get_running_loop().call_soon(hold_loop_once, until, then, block_s)
+        return
+    then()
+    time.sleep(block_s)
+
+
+def applied(server: RedisServer, key: str, value: int) -> Callable[[], None]:
+    """Waits (blocking the loop) until Redis has run our command: its reply is on its way."""
+    client = server.client()
+
+    def wait() -> None:
+        deadline = time.monotonic() + 5
+        while client.get(key) != str(value).encode():
+            assert time.monotonic() < deadline, f"{key} never reached {value}"
+
+    return wait
+
+
+async def replies_while_blocked(
+    server: RedisServer,
+    calls: list[asyncio.Future[Any]],
+    then: Callable[[], None],
+    block_s: float = LOOP_BLOCK_S,
+) -> list[Any]:
+    """The calls' replies arrive while this process's event loop is blocked, as they do
+    when the gateway's own work keeps the loop busy: Redis is paused until every call has
+    sent its request, then resumed (and has answered: `then`) inside the loop block."""
+
+    def resume() -> None:
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGCONT)
+        then()
+
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        hold_loop_once(lambda: all(waiting_for_reply(c) for c in calls), resume, block_s)
+        return await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+
+
+async def until_value(server: RedisServer, key: str, value: bytes) -> None:
+    client, deadline = server.client(), time.monotonic() + 5
+    while client.get(key) != value:
+        assert time.monotonic() < deadline, f"{key} never became {value!r}"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_busy_event_loop_is_not_a_redis_failure(fresh_redis: RedisServer) -> None:
+    store = failing_store(fresh_redis)
+    try:
+        await asyncio.gather(*(store.eval(_COUNT, ["warm"], []) for _ in range(50)))  # 50 conns
+        for expected in range(1, 1 + store.breaker.failures + 1):
+            started = time.perf_counter()
+            calls = [asyncio.ensure_future(store.eval(_COUNT, ["n"], []))]
+            then = applied(fresh_redis, store.prefix + "n", expected)
+            assert await replies_while_blocked(fresh_redis, calls, then) == [expected]
+            assert time.perf_counter() - started >= LOOP_BLOCK_S  # the block was real
+            assert store.breaker.state == "closed"
+            assert store.breaker._consecutive == 0
+        # Many calls waiting at once behind one block fare the same.
+        calls = [asyncio.ensure_future(store.eval(_COUNT, ["m"], [])) for _ in range(50)]
+        then = applied(fresh_redis, store.prefix + "m", 50)
+        results = await replies_while_blocked(fresh_redis, calls, then)
+        assert sorted(results) == list(range(1, 51))  # each applied once, reported once
+        assert store.breaker.state == "closed"
+    finally:
+        await store.close()
+
+
+async def test_a_paused_redis_still_times_out_while_the_loop_is_busy(
+    fresh_redis: RedisServer,
+) -> None:
+    store = failing_store(fresh_redis)
+    try:
+        await store.eval(_COUNT, ["n"], [])
+        with fresh_redis.frozen():
+            for _ in range(3):
+                started = time.perf_counter()
+                call = asyncio.ensure_future(store.eval(_COUNT, ["n"], []))
+                hold_loop_once(lambda c=call: waiting_for_reply(c), lambda: None)
+                with pytest.raises(StoreUnavailable, match="timed out"):
+                    await call
+                took = time.perf_counter() - started
+                # Timed by the time the loop was free to read a reply: not cut at the block's
+                # end, nor much later than the timeout after it.
+                assert took > LOOP_BLOCK_S + TIMEOUT_MS / 1000 * 0.5, took
+                assert took < LOOP_BLOCK_S + TIMEOUT_MS / 1000 + 0.3, took
+            assert store.breaker.state == "open"
+    finally:
+        await store.close()
+
+
+async def test_a_loop_blocked_past_the_allowance_is_not_a_redis_failure_either(
+    fresh_redis: RedisServer,
+) -> None:
+    block_s = store_module._LAG_ALLOWANCE_S + 0.2
+    store = failing_store(fresh_redis)
+    try:
+        await store.eval(_COUNT, ["n"], [])
+        # The reply came in during the block: it is read, not thrown away.
+        calls = [asyncio.ensure_future(store.eval(_COUNT, ["n"], []))]
+        then = applied(fresh_redis, store.prefix + "n", 2)
+        assert await replies_while_blocked(fresh_redis, calls, then, block_s) == [2]
+        # No reply, and no time to wait for one: the call fails, but says why, and the
+        # breaker does not count it.
+        with fresh_redis.frozen():
+            call = asyncio.ensure_future(store.eval(_COUNT, ["n"], []))
+            hold_loop_once(lambda: waiting_for_reply(call), lambda: None, block_s)
+            with pytest.raises(StoreUnavailable, match="this process was too busy") as busy:
+                await call
+        assert busy.value.__cause__ is not None  # it was sent: it may have been applied
+        assert store.breaker.state == "closed"
+        assert store.breaker._consecutive == 0
+        await until_value(fresh_redis, store.prefix + "n", b"3")  # the given-up call ran
+        assert await store.eval(_COUNT, ["n"], []) == 4
+    finally:
+        await store.close()
+
+
+async def test_a_timed_out_call_may_have_been_applied(fresh_redis: RedisServer) -> None:
+    # Redis runs a request it has read even if the client gave up on it: a timeout means
+    # "unknown", and the error says the call was sent (the ledger then queues an undo).
+    store = failing_store(fresh_redis)
+    try:
+        await store.eval(_COUNT, ["n"], [])
+        with fresh_redis.frozen(), pytest.raises(StoreUnavailable, match="timed out") as timed_out:
+            await store.eval(_COUNT, ["n"], [])
+        assert timed_out.value.__cause__ is not None
+        await until_value(fresh_redis, store.prefix + "n", b"2")
     finally:
         await store.close()

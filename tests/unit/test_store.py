@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from gateway.policy import StoreSettings
-from gateway.store import CircuitBreaker, EmbeddedStore, RedisStore, open_store
+from gateway.store import CircuitBreaker, EmbeddedStore, RedisStore, _LoopLag, open_store
 
 
 class Clock:
@@ -88,6 +91,36 @@ def test_breaker_lost_probe_is_given_up_after_reset_period() -> None:
 def test_breaker_rejects_nonsense_settings() -> None:
     with pytest.raises(ValueError, match="failures >= 1"):
         CircuitBreaker(0, 1.0)
+
+
+# --- loop lag ------------------------------------------------------------------------
+
+
+async def test_loop_lag_counts_a_blocked_loop_and_ticks_only_while_calls_wait() -> None:
+    loop = asyncio.get_running_loop()
+    lag = _LoopLag(0.01)
+    mark = lag.enter(loop)
+    blocked = loop.create_future()
+
+    def block() -> None:
+        time.sleep(0.1)  # a deliberate loop block
+        loop.call_soon(blocked.set_result, None)
+
+    loop.call_soon(block)
+    await blocked
+    await asyncio.sleep(0.03)  # a few ticks on time: not counted
+    stalled = lag.stalled_s - mark
+    assert 0.1 - lag.interval_s <= stalled < 0.1 + lag.interval_s, stalled
+    lag.leave()
+    assert lag._tick is None  # idle: no timer left behind
+
+
+def test_loop_lag_counts_overlapping_late_callbacks_once() -> None:
+    lag = _LoopLag(0.01)
+    lag.late(1.0, 1.2)
+    lag.late(1.1, 1.2)  # the same stall, seen by a second timer
+    lag.late(1.15, 1.25)
+    assert lag.stalled_s == pytest.approx(0.25)
 
 
 # --- the embedded store --------------------------------------------------------------
