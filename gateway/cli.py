@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from gateway.policy import Policy, PolicyError, hash_key, load_policy
+from gateway.policy import ENDPOINTS, Policy, PolicyError, hash_key, load_policy
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -87,7 +87,25 @@ def _check(args: argparse.Namespace) -> int:
     if policy is None:
         return 1
     print(f"{args.policy}: ok ({len(policy.tiers)} tiers, {len(policy.models)} models)")
+    for line in _tier_lines(policy):
+        print(f"  {line}")
     return 0
+
+
+def _tier_lines(policy: Policy) -> list[str]:
+    """One line per tier: the endpoints it serves, and where `auto` sends by default."""
+    lines = []
+    for name, served in policy.tier_endpoints.items():
+        roles = [name == policy.default_tier and "default", name == _strongest(policy) and "strong"]
+        marks = ", ".join(role for role in roles if role)
+        endpoints = ", ".join(kind for kind in ENDPOINTS if kind in served)
+        lines.append(f"{name}: {endpoints}" + (f" ({marks})" if marks else ""))
+    return lines
+
+
+def _strongest(policy: Policy) -> str | None:
+    """The tier `strong_fraction` sends its share to, if the policy sets one."""
+    return policy.strongest_tier if policy.routing.strong_fraction is not None else None
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -16,15 +16,19 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.api.schemas import RequestKind
 from gateway.backends import DEFAULTS, Backend, ServerKind
 from gateway.telemetry.settings import TelemetrySettings
 
 RESERVED_MODEL_NAMES = frozenset({"auto"})
+# What `auto` routes by difficulty: the endpoints whose requests carry a prompt to score.
+GENERATION: frozenset[RequestKind] = frozenset({"chat", "completions"})
+ENDPOINTS: tuple[RequestKind, ...] = get_args(RequestKind)
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -81,6 +85,26 @@ class ModelSpec(_Strict):
     health_path: str | None = None
     metrics_path: str | None = None
     tokenize_path: str | None = None
+    # The API endpoints its servers answer: an embedding model says `endpoints: [embeddings]`,
+    # so that no chat request is routed to it (and no embedding request to a chat model).
+    endpoints: tuple[RequestKind, ...] = ("chat", "completions")
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _a_list(cls, value: object) -> object:
+        if not isinstance(value, list | tuple):
+            raise ValueError("must be a list, like [chat, completions] or [embeddings]")
+        return value
+
+    @field_validator("endpoints")
+    @classmethod
+    def _distinct(cls, endpoints: tuple[RequestKind, ...]) -> tuple[RequestKind, ...]:
+        if not endpoints:
+            raise ValueError("must name at least one of chat, completions, embeddings")
+        for endpoint in endpoints:
+            if endpoints.count(endpoint) > 1:
+                raise ValueError(f"{endpoint!r} is listed twice")
+        return endpoints
 
     @field_validator("health_path", "metrics_path", "tokenize_path")
     @classmethod
@@ -187,19 +211,29 @@ class Routing(_Strict):
     fallback: dict[str, tuple[str, ...]] = {}
     hedging: Hedging = Hedging()
     retries: Retries = Retries()
-    # Upstream timeouts, as a multiple of the request's TTFT SLO (before the first byte)
-    # and of its e2e SLO (after it).
+    # Upstream timeouts, as a multiple of the request's TTFT SLO (a stream, before its first
+    # token) and of its e2e SLO (after it; a non-streamed answer, whose headers come with
+    # its whole body, only this one).
     timeout_factor: float = Field(2.0, ge=1)
     feedback: FeedbackSettings | None = None
 
 
 class Breaker(_Strict):
-    """Passive outlier ejection: when a replica is taken out, and how it comes back."""
+    """Passive outlier ejection: when a replica is taken out, and how it comes back.
 
-    failures: int = Field(5, ge=1)  # consecutive failed requests that eject a replica
+    Requests that got no answer (reset, timeout) eject after `failures` in a row; answered
+    5xx only make a replica an outlier when its rate over `min_requests` answers or more is
+    far above its peers' (one client's bad requests draw errors from every replica alike).
+    At most `max_ejected_percent` of a pool is ejected on such suspicion (the first one
+    always, as Envoy's `max_ejection_percent`; 0: never); refused connections eject anyway.
+    """
+
+    failures: int = Field(5, ge=1)  # consecutive unanswered requests that eject a replica
     cooldown_s: float = Field(1.0, gt=0)  # the first ejection's; doubles on each one
     max_cooldown_s: float = Field(30.0, gt=0)
     slow_start_s: float = Field(10.0, ge=0)  # a recovered replica's traffic ramps up
+    max_ejected_percent: float = Field(50.0, ge=0, le=100)
+    min_requests: int = Field(20, ge=1)  # answers in a replica's window to judge its 5xx rate
 
     @model_validator(mode="after")
     def _cooldowns(self) -> Breaker:
@@ -344,7 +378,28 @@ class Policy(_Strict):
 
     @property
     def default_tier(self) -> str:
-        return self.routing.default_tier or next(iter(self.tiers))
+        """Where `auto` goes when nothing else picks a tier: the first that serves chat,
+        unless the policy names one."""
+        return self.routing.default_tier or (self.tiers_serving("chat") or tuple(self.tiers))[0]
+
+    @property
+    def strongest_tier(self) -> str:
+        """Where `strong_fraction` sends its share: the last tier (they are listed cheapest
+        first) that serves chat. A tier of embedding models listed last is not "strongest"."""
+        return (self.tiers_serving("chat") or tuple(self.tiers))[-1]
+
+    @functools.cached_property
+    def tier_endpoints(self) -> Mapping[str, frozenset[RequestKind]]:
+        """What each tier serves: every endpoint one of its models serves."""
+        models = self.models
+        return {
+            name: frozenset(e for m in tier.models if m in models for e in models[m].endpoints)
+            for name, tier in self.tiers.items()
+        }
+
+    def tiers_serving(self, kind: RequestKind) -> tuple[str, ...]:
+        """The tiers with a model that serves `kind`, in the policy's order."""
+        return tuple(name for name, served in self.tier_endpoints.items() if kind in served)
 
     @functools.cached_property
     def has_quotas(self) -> bool:
@@ -354,7 +409,16 @@ class Policy(_Strict):
         return bool(self.budgets.tiers) or any(t.budget or t.limits for t in tenants)
 
     def tier_of_model(self, model: str) -> str:
-        return next(name for name, tier in self.tiers.items() if model in tier.models)
+        """The first tier that lists `model`; every model has one (the load checks it)."""
+        return self._home_tiers[model]
+
+    @functools.cached_property
+    def _home_tiers(self) -> Mapping[str, str]:
+        homes: dict[str, str] = {}
+        for name, tier in self.tiers.items():
+            for model in tier.models:
+                homes.setdefault(model, name)
+        return homes
 
 
 def hash_key(key: str) -> str:
@@ -482,6 +546,10 @@ def _check_references(policy: Policy, base_dir: Path | None) -> list[str]:
         for i, model in enumerate(tier.models):
             if model not in models:
                 errors.append(f"tiers.{tier_name}.models.{i}: unknown model {model!r}")
+    # A model outside every tier would be listed and asked for, with nowhere to route it.
+    for name in models:
+        if name not in policy._home_tiers:
+            errors.append(f"models.{name}: in no tier; add it to a tier's models or remove it")
 
     routing = policy.routing
     if routing.default_tier is not None and routing.default_tier not in tiers:
@@ -514,6 +582,7 @@ def _check_references(policy: Policy, base_dir: Path | None) -> list[str]:
         errors.append("routing: a classifier needs `thresholds` or `strong_fraction`")
     if routing.strong_fraction is not None and len(tiers) < 2:
         errors.append("routing.strong_fraction: needs at least two tiers")
+    errors += _check_endpoints(policy)
     errors += _check_tenant_references(policy)
     if policy.budgets.reservation_ttl_s <= policy.server.upstream_timeout_s:
         errors.append(
@@ -525,6 +594,56 @@ def _check_references(policy: Policy, base_dir: Path | None) -> list[str]:
         if path is None or not path.exists():
             errors.append(f"routing.classifier: no model directory at {routing.classifier!r}")
     return errors
+
+
+def _check_endpoints(policy: Policy) -> list[str]:
+    """Every tier `auto` may pick serves what it would be sent: chat for the default, chat
+    or completions for rules and thresholds, and a fallback something its tier serves."""
+    errors: list[str] = []
+    routing = policy.routing
+    # A tier none of whose models is known has been reported already.
+    served = {name: endpoints for name, endpoints in policy.tier_endpoints.items() if endpoints}
+    chat = ", ".join(policy.tiers_serving("chat")) or "none"
+
+    default = routing.default_tier
+    if default is None and not policy.tiers_serving("chat"):
+        errors.append("tiers: no tier serves chat; `auto` needs one to send chat to")
+    elif default in served and "chat" not in served[default]:
+        errors.append(
+            f"routing.default_tier: tier {default!r} does not serve chat (tiers that do: {chat})"
+        )
+    for i, rule in enumerate(routing.rules):
+        if rule.tier in served and not served[rule.tier] & GENERATION:
+            errors.append(
+                f"routing.rules.{i}.tier: tier {rule.tier!r} serves neither chat nor "
+                "completions, the requests rules route"
+            )
+    for tier_name, fallbacks in routing.fallback.items():
+        source = served.get(tier_name, frozenset())
+        for i, fallback in enumerate(fallbacks):
+            if source and fallback in served and not source & served[fallback]:
+                errors.append(
+                    f"routing.fallback.{tier_name}.{i}: tier {fallback!r} serves nothing "
+                    f"tier {tier_name!r} serves ({fallback}: {_listed(served[fallback])}; "
+                    f"{tier_name}: {_listed(source)})"
+                )
+    for tier_name in routing.thresholds or {}:
+        if tier_name in served and not served[tier_name] & GENERATION:
+            errors.append(
+                f"routing.thresholds.{tier_name}: tier {tier_name!r} serves neither chat nor "
+                "completions, the requests the classifier routes"
+            )
+    chat_tiers = len(policy.tiers_serving("chat"))
+    if routing.strong_fraction is not None and len(served) > 1 and chat_tiers == 1:
+        errors.append(
+            f"routing.strong_fraction: needs a second tier that serves chat (only {chat} does)"
+        )
+    return errors
+
+
+def _listed(endpoints: frozenset[RequestKind]) -> str:
+    """`chat, completions`: endpoints in the API's order, for messages."""
+    return ", ".join(kind for kind in ENDPOINTS if kind in endpoints)
 
 
 def _check_tenant_references(policy: Policy) -> list[str]:

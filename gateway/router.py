@@ -3,19 +3,23 @@
 Order: a concrete model name pins that model; a tier name pins that tier; for `auto`,
 the `x-triage-tier` header, then the policy's rules (first match wins), then the
 difficulty classifier's score against the policy's thresholds, then the default tier.
+Only tiers and models that serve the request's endpoint (chat, completions, embeddings)
+are ever chosen: a chat prompt never reaches a tier of embedding models.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gateway.api.schemas import UPSTREAM_PATHS, RequestKind
 from gateway.errors import NotFound
-from gateway.policy import Policy
+from gateway.policy import ENDPOINTS, GENERATION, Policy
 
 AUTO = "auto"
 TIER_HEADER = "x-triage-tier"
+NOT_SERVED = "endpoint_not_served"  # the error code for a model or tier asked the wrong thing
 
 
 class DifficultyScorer(Protocol):
@@ -26,12 +30,14 @@ class DifficultyScorer(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class RouteInput:
-    """What routing may look at: the requested name, the body, headers, a prompt-size estimate."""
+    """What routing may look at: the requested name, the body, headers, a prompt-size estimate,
+    and the endpoint it came to."""
 
     model: str
     body: Mapping[str, Any]
     headers: Mapping[str, str]
     prompt_tokens: int
+    kind: RequestKind = "chat"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +48,7 @@ class Decision:
     candidates: tuple[tuple[str, str], ...]
     reason: str
     difficulty: float | None = None
+    kind: RequestKind = "chat"
 
     @property
     def model(self) -> str:
@@ -52,7 +59,7 @@ class Decision:
         if not may_use(self.tier):
             return None
         candidates = tuple((tier, model) for tier, model in self.candidates if may_use(tier))
-        return Decision(self.tier, candidates, self.reason, self.difficulty)
+        return Decision(self.tier, candidates, self.reason, self.difficulty, self.kind)
 
 
 class Router:
@@ -71,12 +78,16 @@ class Router:
         )
 
     def decide(self, route: RouteInput) -> Decision:
-        policy = self.policy
+        policy, kind = self.policy, route.kind
         if route.model in policy.models:
+            served = policy.models[route.model].endpoints
+            if kind not in served:
+                raise self._not_served(f"The model '{route.model}'", served, kind, "model")
             tier = policy.tier_of_model(route.model)
-            return Decision(tier, ((tier, route.model),), "model")
+            return Decision(tier, ((tier, route.model),), "model", kind=kind)
         if route.model in policy.tiers:
-            return Decision(route.model, self._tier_models(route.model), "tier")
+            self._check_serves(route.model, kind, f"The tier '{route.model}'", "model")
+            return Decision(route.model, self._tier_models(route.model, kind), "tier", kind=kind)
         if route.model != AUTO:
             raise NotFound(
                 f"The model '{route.model}' does not exist. Use 'auto', a tier "
@@ -86,6 +97,7 @@ class Router:
         return self._route_auto(route)
 
     def _route_auto(self, route: RouteInput) -> Decision:
+        kind, served = route.kind, self.policy.tier_endpoints
         pinned = route.headers.get(TIER_HEADER)
         if pinned is not None:
             if pinned not in self.policy.tiers:
@@ -95,9 +107,12 @@ class Router:
                     param=TIER_HEADER,
                     code="tier_not_found",
                 )
-            return self._with_fallback(pinned, "header")
+            self._check_serves(pinned, kind, f"The tier '{pinned}' in {TIER_HEADER}", TIER_HEADER)
+            return self._with_fallback(pinned, "header", kind)
         for index, rule in enumerate(self.policy.routing.rules):
             when = rule.when
+            if kind not in served[rule.tier]:
+                continue
             if when.header is not None and any(
                 route.headers.get(name.lower()) != value for name, value in when.header.items()
             ):
@@ -107,27 +122,78 @@ class Router:
                 and route.prompt_tokens <= when.prompt_tokens_over
             ):
                 continue
-            return self._with_fallback(rule.tier, f"rule:{index}")
-        if self.scorer is None:
-            return self._with_fallback(self.policy.default_tier, "default")
+            return self._with_fallback(rule.tier, f"rule:{index}", kind)
+        default = self._default_tier(kind)
+        if self.scorer is None or kind not in GENERATION:
+            return self._with_fallback(default, "default", kind)
         difficulty = self.scorer.score(route.body)
         tier = next(
-            (name for name, threshold in self.thresholds if difficulty >= threshold),
-            self.policy.default_tier,
+            (
+                name
+                for name, threshold in self.thresholds
+                if difficulty >= threshold and kind in served[name]
+            ),
+            default,
         )
-        decision = self._with_fallback(tier, "classifier")
-        return Decision(decision.tier, decision.candidates, decision.reason, difficulty)
+        decision = self._with_fallback(tier, "classifier", kind)
+        return Decision(decision.tier, decision.candidates, decision.reason, difficulty, kind)
 
-    def _tier_models(self, tier: str) -> tuple[tuple[str, str], ...]:
-        return tuple((tier, model) for model in self.policy.tiers[tier].models)
+    def _default_tier(self, kind: RequestKind) -> str:
+        """The policy's default tier; for an endpoint it does not serve, the first that does."""
+        default = self.policy.default_tier
+        if kind in self.policy.tier_endpoints[default]:
+            return default
+        serving = self.policy.tiers_serving(kind)
+        if not serving:
+            raise NotFound(
+                f"No tier serves {kind} ({_endpoint(kind)}).",
+                param="model",
+                code=NOT_SERVED,
+            )
+        return serving[0]
+
+    def _tier_models(self, tier: str, kind: RequestKind) -> tuple[tuple[str, str], ...]:
+        models = self.policy.models
+        return tuple(
+            (tier, m) for m in self.policy.tiers[tier].models if kind in models[m].endpoints
+        )
 
     def downgraded(self, decision: Decision, tier: str) -> Decision:
         """The same request sent to a cheaper `tier` because a budget ran out."""
-        moved = self._with_fallback(tier, "budget")
-        return Decision(tier, moved.candidates, f"{decision.reason}+budget", decision.difficulty)
+        moved = self._with_fallback(tier, "budget", decision.kind)
+        return Decision(
+            tier, moved.candidates, f"{decision.reason}+budget", decision.difficulty, decision.kind
+        )
 
-    def _with_fallback(self, tier: str, reason: str) -> Decision:
-        candidates = self._tier_models(tier)
+    def _with_fallback(self, tier: str, reason: str, kind: RequestKind) -> Decision:
+        """The tier's models, then its fallbacks' (those of them that serve `kind`)."""
+        candidates = self._tier_models(tier, kind)
         for fallback in self.policy.routing.fallback.get(tier, ()):
-            candidates += self._tier_models(fallback)
-        return Decision(tier, candidates, reason)
+            candidates += self._tier_models(fallback, kind)
+        return Decision(tier, candidates, reason, kind=kind)
+
+    def _check_serves(self, tier: str, kind: RequestKind, subject: str, param: str) -> None:
+        served = self.policy.tier_endpoints[tier]
+        if kind not in served:
+            raise self._not_served(subject, served, kind, param)
+
+    def _not_served(
+        self, subject: str, served: Collection[RequestKind], kind: RequestKind, param: str
+    ) -> NotFound:
+        """404, as OpenAI answers a chat request for an embedding model: what the name serves,
+        and the tiers that serve this endpoint."""
+        serving = self.policy.tiers_serving(kind)
+        where = f"Tiers that serve {kind}: {', '.join(serving)}." if serving else "No tier does."
+        return NotFound(
+            f"{subject} serves {_listed(served)}, not {kind} ({_endpoint(kind)}). {where}",
+            param=param,
+            code=NOT_SERVED,
+        )
+
+
+def _endpoint(kind: RequestKind) -> str:
+    return f"POST /v1{UPSTREAM_PATHS[kind]}"
+
+
+def _listed(served: Collection[RequestKind]) -> str:
+    return " and ".join(kind for kind in ENDPOINTS if kind in served)

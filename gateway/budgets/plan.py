@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import quote
 
+from gateway.api.schemas import RequestKind
 from gateway.budgets.errors import Scope
 from gateway.budgets.windows import WINDOW_KINDS, Window, WindowKind
 from gateway.policy import OnExhausted, Policy, Price, Tenant, WindowBudget
@@ -56,10 +57,11 @@ def tier_price(policy: Policy, tier: str) -> Price:
     )
 
 
-def downgrade_order(policy: Policy, tier: str) -> list[str]:
-    """`tier`, then the cheaper tiers nearest first (the policy lists tiers cheapest first)."""
+def downgrade_order(policy: Policy, tier: str, kind: RequestKind) -> list[str]:
+    """`tier`, then the cheaper tiers nearest first (the policy lists tiers cheapest first)
+    that serve the request's endpoint."""
     names = list(policy.tiers)
-    return names[names.index(tier) :: -1]
+    return [t for t in names[names.index(tier) :: -1] if kind in policy.tier_endpoints[t]]
 
 
 def _safe(name: str) -> str:

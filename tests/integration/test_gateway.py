@@ -38,6 +38,8 @@ def sims(log_dir: Path, services: Services) -> dict[str, list[Service]]:
 @pytest.fixture(scope="module")
 def gateway(log_dir: Path, services: Services, sims: dict[str, list[Service]]) -> Service:
     policy = policy_for([s.url for s in sims["small"]], [s.url for s in sims["large"]])
+    # The sims embed too; a model serves embeddings only where the policy says so.
+    policy["models"][SMALL]["endpoints"] = ["chat", "completions", "embeddings"]
     return services(start_gateway(log_dir, policy))
 
 
@@ -139,6 +141,8 @@ def test_embeddings_pass_through(client: openai.OpenAI) -> None:
     assert len(result.data) == 2 and result.model == SMALL
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model="auto", input="a")
+    with pytest.raises(openai.NotFoundError, match="Tiers that serve embeddings: cheap"):
+        client.embeddings.create(model=LARGE, input="a")  # not declared to serve embeddings
 
 
 def test_unused_fields_reach_backend_untouched(

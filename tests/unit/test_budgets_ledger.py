@@ -238,7 +238,7 @@ async def test_a_tier_budget_asks_for_a_downgrade_and_the_cheaper_tier_serves() 
     ledger = ledger_for(policy)
     served: list[str] = []
     for request in range(3):
-        for tier in downgrade_order(policy, "large"):
+        for tier in downgrade_order(policy, "large", "chat"):
             try:
                 reservation = await reserve(ledger, f"r{request}", tier=tier)
             except QuotaExceeded as error:

@@ -64,8 +64,16 @@ def test_tier_price_is_the_dearest_of_its_models() -> None:
 
 def test_downgrade_order_walks_to_cheaper_tiers() -> None:
     p = policy()
-    assert downgrade_order(p, "large") == ["large", "mid", "cheap"]
-    assert downgrade_order(p, "cheap") == ["cheap"]
+    assert downgrade_order(p, "large", "chat") == ["large", "mid", "cheap"]
+    assert downgrade_order(p, "cheap", "chat") == ["cheap"]
+
+
+def test_downgrade_order_skips_tiers_that_do_not_serve_the_endpoint() -> None:
+    models = policy().model_dump(exclude_unset=True)["models"]
+    models["mid-a"]["endpoints"] = models["mid-b"]["endpoints"] = ["embeddings"]
+    p = policy(models=models)
+    assert downgrade_order(p, "large", "chat") == ["large", "cheap"]
+    assert downgrade_order(p, "mid", "embeddings") == ["mid"]
 
 
 def test_no_limits_means_no_ledger() -> None:

@@ -16,6 +16,37 @@ def test_check_ok(capsys: pytest.CaptureFixture[str]) -> None:
     assert "ok (2 tiers, 2 models)" in capsys.readouterr().out
 
 
+def test_check_says_which_tiers_serve_which_endpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = yaml.safe_load((ROOT / "policies/demo.yaml").read_text())
+    raw["models"]["tiny-embed"] = {"simulate": {"profile": "instant"}, "endpoints": ["embeddings"]}
+    raw["tiers"]["embed"] = {"models": ["tiny-embed"]}
+    path = tmp_path / "embed.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert main(["check", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{path}: ok (3 tiers, 3 models)",
+        "  cheap: chat, completions (default)",
+        "  large: chat, completions (strong)",
+        "  embed: embeddings",
+    ]
+
+
+def test_check_rejects_a_model_in_no_tier(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = yaml.safe_load((ROOT / "policies/demo.yaml").read_text())
+    raw["models"]["spare"] = {"simulate": {"profile": "instant"}}
+    path = tmp_path / "spare.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["check", str(path)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}: invalid policy",
+        "  models.spare: in no tier; add it to a tier's models or remove it",
+    ]
+
+
 def test_check_prints_every_error_with_its_path(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

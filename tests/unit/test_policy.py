@@ -56,6 +56,7 @@ def test_reference_errors_name_the_path() -> None:
     raw["routing"]["default_tier"] = "tiny"
     assert errors_of(raw) == [
         "tiers.large.models.0: unknown model 'gpt-9'",
+        "models.llama-3.1-70b-instruct: in no tier; add it to a tier's models or remove it",
         "routing.default_tier: unknown tier 'tiny' (cheap, large)",
         "routing.rules.0.tier: unknown tier 'medium' (cheap, large)",
         "routing.fallback.cheap.0: unknown tier 'huge'",
@@ -74,6 +75,7 @@ def test_reserved_and_clashing_names() -> None:
     raw = demo()
     raw["models"]["auto"] = {"replicas": ["http://a:1/v1"]}
     raw["models"]["cheap"] = {"replicas": ["http://a:1/v1"]}
+    raw["tiers"]["cheap"]["models"] += ["auto", "cheap"]
     assert errors_of(raw) == [
         "models.auto: name is reserved or used by a tier",
         "models.cheap: name is reserved or used by a tier",
@@ -148,3 +150,117 @@ def test_file_errors(tmp_path: Path) -> None:
     with pytest.raises(PolicyError) as info:
         load_policy(tmp_path / "missing.yaml")
     assert info.value.errors[0].startswith("<file>: cannot read")
+
+
+SMALL, LARGE = "llama-3.1-8b-instruct", "llama-3.1-70b-instruct"
+
+
+def with_embed_tier(raw: dict[str, Any]) -> dict[str, Any]:
+    """The demo with a tier of embedding models declared last, after the strongest chat tier."""
+    raw["models"]["tiny-embed"] = {"simulate": {"profile": "instant"}, "endpoints": ["embeddings"]}
+    raw["tiers"]["embed"] = {"models": ["tiny-embed"]}
+    return raw
+
+
+def test_a_model_in_no_tier_is_rejected() -> None:
+    """It would be listed by /v1/models, and every request for it had nowhere to go (a 500)."""
+    raw = demo()
+    raw["models"]["spare"] = {"replicas": ["http://a:1/v1"]}
+    assert errors_of(raw) == ["models.spare: in no tier; add it to a tier's models or remove it"]
+
+
+def test_every_model_has_a_tier() -> None:
+    policy = parse_policy(with_embed_tier(demo()), {})
+    assert {m: policy.tier_of_model(m) for m in policy.models} == {
+        SMALL: "cheap",
+        LARGE: "large",
+        "tiny-embed": "embed",
+    }
+
+
+def test_endpoints_default_to_chat_and_completions_and_are_strict() -> None:
+    policy = parse_policy(with_embed_tier(demo()), {})
+    assert policy.models[SMALL].endpoints == ("chat", "completions")
+    assert policy.tier_endpoints == {
+        "cheap": {"chat", "completions"},
+        "large": {"chat", "completions"},
+        "embed": {"embeddings"},
+    }
+    for value, error in [
+        (
+            ["chat", "embedding"],
+            "endpoints.1: must be one of 'chat', 'completions' or 'embeddings'",
+        ),
+        (["chat", "chat"], "endpoints: 'chat' is listed twice"),
+        ([], "endpoints: must name at least one of chat, completions, embeddings"),
+        ("embeddings", "endpoints: must be a list, like [chat, completions] or [embeddings]"),
+    ]:
+        raw = demo()
+        raw["models"][SMALL]["endpoints"] = value
+        raw["models"][SMALL].pop("simulate")
+        raw["models"][SMALL]["replicas"] = ["http://a:1/v1"]
+        assert errors_of(raw) == [f"models.{SMALL}.{error}"]
+
+
+def test_a_tier_serves_what_any_of_its_models_serves() -> None:
+    raw = with_embed_tier(demo())
+    raw["tiers"]["cheap"]["models"].append("tiny-embed")
+    policy = parse_policy(raw, {})
+    assert policy.tier_endpoints["cheap"] == {"chat", "completions", "embeddings"}
+    assert policy.tiers_serving("embeddings") == ("cheap", "embed")
+    assert policy.tiers_serving("chat") == ("cheap", "large")
+
+
+def test_strong_fraction_goes_to_the_last_tier_that_serves_chat() -> None:
+    """Defect: with an embeddings tier declared last, `strong_fraction` sent chat there."""
+    policy = parse_policy(with_embed_tier(demo()), {})
+    assert (policy.default_tier, policy.strongest_tier) == ("cheap", "large")
+
+
+def test_the_implicit_default_tier_is_the_first_that_serves_chat() -> None:
+    raw = demo()
+    raw["models"]["tiny-embed"] = {"simulate": {"profile": "instant"}, "endpoints": ["embeddings"]}
+    raw["tiers"] = {"embed": {"models": ["tiny-embed"]}, **raw["tiers"]}
+    del raw["routing"]["default_tier"]
+    assert parse_policy(raw, {}).default_tier == "cheap"
+
+
+def test_routing_to_tiers_that_cannot_serve_it_is_an_error() -> None:
+    raw = with_embed_tier(demo())
+    raw["routing"]["default_tier"] = "embed"
+    raw["routing"]["rules"][1]["tier"] = "embed"
+    raw["routing"]["fallback"]["cheap"] = ["large", "embed"]
+    raw["routing"]["fallback"]["embed"] = ["large"]
+    del raw["routing"]["strong_fraction"]
+    raw["routing"]["thresholds"] = {"large": 0.6, "embed": 0.2}
+    assert errors_of(raw) == [
+        "routing.default_tier: tier 'embed' does not serve chat (tiers that do: cheap, large)",
+        "routing.rules.1.tier: tier 'embed' serves neither chat nor completions, "
+        "the requests rules route",
+        "routing.fallback.cheap.1: tier 'embed' serves nothing tier 'cheap' serves "
+        "(embed: embeddings; cheap: chat, completions)",
+        "routing.fallback.embed.0: tier 'large' serves nothing tier 'embed' serves "
+        "(large: chat, completions; embed: embeddings)",
+        "routing.thresholds.embed: tier 'embed' serves neither chat nor completions, "
+        "the requests the classifier routes",
+    ]
+
+
+def test_strong_fraction_needs_two_tiers_that_serve_chat() -> None:
+    raw = with_embed_tier(demo())
+    del raw["tiers"]["large"]
+    del raw["models"][LARGE]
+    raw["routing"]["rules"] = []
+    raw["routing"]["fallback"] = {}
+    assert errors_of(raw) == [
+        "routing.strong_fraction: needs a second tier that serves chat (only cheap does)"
+    ]
+
+
+def test_some_tier_must_serve_chat() -> None:
+    raw = {
+        "version": 1,
+        "models": {"tiny-embed": {"replicas": ["http://a:1/v1"], "endpoints": ["embeddings"]}},
+        "tiers": {"embed": {"models": ["tiny-embed"]}},
+    }
+    assert errors_of(raw) == ["tiers: no tier serves chat; `auto` needs one to send chat to"]
