@@ -123,9 +123,9 @@ def test_one_tenants_malformed_requests_take_nothing_out(gateway: Service, sims:
     large_before = sim_stats(large)["requests_total"]
     failed_before = sum(sim_stats(s)["requests_failed"] for s in (small_a, small_b))
     for _ in range(40):
-        bad = send(gateway, chat(frequency_penalty="high"))
+        bad = send(gateway, chat(min_tokens="many"))
         assert bad.status_code == 502, bad.text
-        assert "frequency_penalty must be a number" in bad.json()["error"]["message"]
+        assert "min_tokens must be an integer" in bad.json()["error"]["message"]
         good = send(gateway, chat())
         assert good.status_code == 200, good.text
         assert good.headers["x-triage-tier"] == "cheap"
