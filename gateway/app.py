@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api.disconnect import unless_client_leaves
 from gateway.api.errors import error_response
@@ -43,7 +43,7 @@ from gateway.errors import (
     TriageError,
     UpstreamUnavailable,
 )
-from gateway.exchange import Exchange, new_request_id
+from gateway.exchange import OVERHEAD_HEADER, Exchange, new_request_id
 from gateway.policy import PolicyError, hash_key, load_policy
 from gateway.router import AUTO, Decision, RouteInput
 from gateway.runtime import Runtime, Stores, build_runtime
@@ -52,7 +52,15 @@ from gateway.simulated import SimulatedFleet
 from gateway.slo import LatencyTracker
 from gateway.store import StoreUnavailable
 from gateway.telemetry import RequestRecord, Telemetry
-from gateway.upstream import Upstream, close_session, finish_reasons, new_session
+from gateway.tokenize import Tokenizer
+from gateway.upstream import (
+    DONE_EVENT,
+    Upstream,
+    close_session,
+    finish_reasons,
+    model_rename,
+    new_session,
+)
 
 logger = logging.getLogger("triage")
 
@@ -75,6 +83,7 @@ class Gateway:
         self._reload_lock = asyncio.Lock()
         self._telemetry: Telemetry | None = None
         self._openapi = openapi_document()
+        self.tokenizer = Tokenizer()  # counts usage a backend did not report
 
     @property
     def telemetry(self) -> Telemetry:
@@ -124,6 +133,7 @@ class Gateway:
             await self.telemetry.close()
             await self.runtime.close()
             await close_session(self._session)
+            await self.tokenizer.close()
             await self.fleet.stop()
             await self.stores.close()
 
@@ -168,6 +178,7 @@ class Gateway:
         runtime = self.runtime  # this request keeps this policy to the end
         headers = header_map(request)
         record = self.telemetry.start(kind, headers, new_request_id())
+        exchange: Exchange | None = None
         try:
             exchange = await self._admit(runtime, request, headers, kind, record)
             hit = await self._cache_lookup(runtime, exchange, headers)
@@ -188,14 +199,13 @@ class Gateway:
         except TriageError as error:
             record.fail(error)
             self.telemetry.finish(record)
-            return error_response(error, {"x-triage-request-id": record.request_id})
-        except Exception:
+            return error_response(error, _error_headers(record, exchange))
+        except Exception as error:
             # A bug, not a client error: answer in OpenAI's shape and still account for it.
             logger.exception("unexpected error in request %s", record.request_id)
-            internal = TriageError("The gateway hit an internal error.")
-            record.fail(internal)
+            record.fail(error)
             self.telemetry.finish(record)
-            return error_response(internal, {"x-triage-request-id": record.request_id})
+            return error_response(_internal_error(), _error_headers(record, exchange))
 
     async def _admit(
         self,
@@ -224,7 +234,8 @@ class Gateway:
     ) -> Decision:
         if parsed.kind == "embeddings" and parsed.model == AUTO:
             raise InvalidRequest("Embeddings need a model or tier name, not 'auto'.", param="model")
-        route = RouteInput(parsed.model, parsed.body, headers, parsed.estimated_prompt_tokens())
+        tokens = parsed.estimated_prompt_tokens()
+        route = RouteInput(parsed.model, parsed.body, headers, tokens, parsed.kind)
         decision = runtime.router.decide(route)
         allowed = decision.restricted_to(caller.may_use)
         if allowed is None:
@@ -274,7 +285,7 @@ class Gateway:
         decision, parsed, policy = exchange.decision, exchange.parsed, runtime.policy
         refused: QuotaExceeded | None = None
         with exchange.record.trace.span("triage.budget.reserve"):
-            for tier in downgrade_order(policy, decision.tier):
+            for tier in downgrade_order(policy, decision.tier, parsed.kind):
                 if not exchange.caller.may_use(tier):
                     continue
                 try:
@@ -313,29 +324,36 @@ class Gateway:
         # SLO deadlines count from the request's arrival (the record's clock is perf_counter).
         arrived = time.monotonic() - (time.perf_counter() - record.started_at)
         waited = time.perf_counter()
-        with record.trace.span("triage.dispatch"):
-            dispatched = await runtime.dispatcher.dispatch(
-                exchange.decision,
-                exchange.parsed,
-                client_headers,
-                headers,
-                tenant_priority=exchange.caller.settings.priority,
-                started=arrived,
-                max_tokens_cap=exchange.max_tokens_cap,
-                trace=record.trace,
-            )
-        exchange.upstream_s += time.perf_counter() - waited
+        try:
+            with record.trace.span("triage.dispatch"):
+                dispatched = await runtime.dispatcher.dispatch(
+                    exchange.decision,
+                    exchange.parsed,
+                    client_headers,
+                    headers,
+                    tenant_priority=exchange.caller.settings.priority,
+                    started=arrived,
+                    max_tokens_cap=exchange.max_tokens_cap,
+                    trace=record.trace,
+                )
+        finally:  # the error answer's overhead leaves out the wait too
+            exchange.upstream_s += time.perf_counter() - waited
         exchange.served_by(dispatched)
         return await self._respond(exchange, dispatched)
 
     async def _respond(self, exchange: Exchange, dispatched: Dispatched) -> ASGIApp:
+        exchange.tokenizer = self.tokenizer
         if exchange.parsed.stream:
+            if not dispatched.pool.backend.stream_usage:
+                exchange.kept = []  # to count its usage from when it ends
             exchange.overhead_header()
             events = self._relay(exchange, dispatched)
             return EventStreamResponse(events, exchange.headers, on_close=exchange.finish)
         try:
             waited = time.perf_counter()
-            read = self.upstream.read(dispatched.replica, dispatched.response, exchange.outcome)
+            read = self.upstream.read(
+                dispatched.replica, dispatched.response, exchange.outcome, dispatched.pool.model
+            )
             payload = await dispatched.within_deadline(read)
             exchange.upstream_s += time.perf_counter() - waited
         except BaseException as error:
@@ -354,13 +372,29 @@ class Gateway:
 
     async def _relay(self, exchange: Exchange, dispatched: Dispatched) -> AsyncIterator[bytes]:
         """The stream for the client. Its bookkeeping (`exchange.finish`) is left to the
-        response's `on_close`, after the last byte is sent: the client does not wait on it."""
-        strip = not exchange.parsed.client_wants_usage
-        recorder = exchange.recorder
-        replica, response = dispatched.replica, dispatched.response
-        relay = self.upstream.relay(replica, response, exchange.outcome, strip, dispatched.events())
+        response's `on_close`, after the last byte is sent: the client does not wait on it,
+        except for a usage chunk it asked for that the backend did not send."""
+        wants_usage = exchange.parsed.client_wants_usage
+        recorder, outcome, kept = exchange.recorder, exchange.outcome, exchange.kept
+        pool, replica, response = dispatched.pool, dispatched.replica, dispatched.response
+        served, model = pool.served_name, pool.model
+        rename = model_rename(served, model) if served != model else None
+        relay = self.upstream.relay(
+            replica, response, outcome, not wants_usage, dispatched.events(), rename
+        )
         async with contextlib.aclosing(relay) as events:
             async for event in events:
+                if kept is not None:
+                    kept.append(event)
+                if wants_usage and outcome.completed and outcome.usage is None:
+                    # The backend ignored `stream_options`: the usage chunk goes before [DONE].
+                    head = event.removesuffix(DONE_EVENT)
+                    if head:
+                        if recorder is not None:
+                            recorder.feed_event(head)
+                        yield head
+                    await exchange.count_usage()
+                    event = exchange.usage_event() + DONE_EVENT
                 if recorder is not None:
                     recorder.feed_event(event)
                 yield event
@@ -431,6 +465,40 @@ class Gateway:
             raise AuthenticationFailed("A valid admin key is required.")
 
 
+def _internal_error() -> TriageError:
+    """What a client is told of a bug in the gateway (its log line says the same)."""
+    return TriageError("The gateway hit an internal error.", code="internal_error")
+
+
+def _overhead(started: float, upstream_s: float = 0.0) -> str:
+    """`x-triage-overhead-ms`: the gateway's own time since `started` (a perf_counter
+    reading), `upstream_s` spent waiting on backends left out (as `Exchange` counts it)."""
+    return f"{(time.perf_counter() - started - upstream_s) * 1000:.3f}"
+
+
+def _error_headers(record: RequestRecord, exchange: Exchange | None) -> dict[str, str]:
+    upstream_s = 0.0 if exchange is None else exchange.upstream_s
+    return {
+        "x-triage-request-id": record.request_id,
+        OVERHEAD_HEADER: _overhead(record.started_at, upstream_s),
+    }
+
+
+def _with_overhead(send: Send) -> Send:
+    """`send`, the answer's headers given `x-triage-overhead-ms`: for the routes other than
+    the generation ones, which call no backend, so their time is all the gateway's own."""
+    started = time.perf_counter()
+    name = OVERHEAD_HEADER.encode()
+
+    async def timed(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [*message.get("headers", ()), (name, _overhead(started).encode())]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return timed
+
+
 def header_map(request: Request) -> dict[str, str]:
     """The request's headers as a dict, built once: Starlette's `Headers` scans its list
     on every lookup, and the request path looks up a dozen. Of a repeated header the first
@@ -460,13 +528,14 @@ class GatewayApp(Starlette):
         self.state.gateway = gateway
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            kind = self.GENERATION.get(scope["path"])
+        if scope["type"] == "http":
+            kind = self.GENERATION.get(scope["path"]) if scope["method"] == "POST" else None
             if kind is not None:
                 scope["app"] = self
                 response = await self.gateway.generate(Request(scope, receive), kind)
                 await response(scope, receive, send)
                 return
+            send = _with_overhead(send)
         await super().__call__(scope, receive, send)
 
 
@@ -514,7 +583,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     logger.exception("unexpected error on %s", request.url.path)
-    return error_response(TriageError("The gateway hit an internal error."))
+    return error_response(_internal_error())
 
 
 def _on_sighup(callback: object) -> None:

@@ -129,6 +129,7 @@ class _Job:
     retries: int = 0
     # Where it got an answered 5xx (see `_attempt_failed`): its retries stay in that pool.
     answered_in: tuple[str, Pool] | None = None
+    last_sent: _Attempt | None = None  # a failure no send claimed (a timeout) is put on it
     _bodies: dict[str, bytes] = field(default_factory=dict)
 
     @property
@@ -458,10 +459,19 @@ class Dispatcher:
         span = job.trace.attempt(pool.model, replica.url, kind, len(tried) + 1)
         probe = replica.begin(now, progress)
         attempt = _Attempt(tier, pool, replica, probe, queued, progress, span)
+        job.last_sent = attempt
         tried.append(replica)
         race[asyncio.get_running_loop().create_task(self._attempt(job, attempt))] = attempt
 
     async def _attempt(self, job: _Job, attempt: _Attempt) -> _Started:
+        """One send, to its first byte; a failure says which send it was (`failed_at`)."""
+        try:
+            return await self._post(job, attempt)
+        except TriageError as error:
+            error.failed_at(attempt.tier, attempt.pool.model, attempt.replica.url)
+            raise
+
+    async def _post(self, job: _Job, attempt: _Attempt) -> _Started:
         path = UPSTREAM_PATHS[job.parsed.kind]
         body = job.body(attempt.pool)
         headers = attempt.span.inject(job.headers)  # this send's own traceparent
@@ -716,6 +726,14 @@ class Dispatcher:
         )
 
     def _refused(self, job: _Job, error: TriageError) -> None:
+        """Count a request that got no answer, and say on `error` where it failed: the send
+        that failed it, else the last one sent (a timeout), else, with nothing sent (shed,
+        no healthy replica), the routed tier and its first model."""
+        sent = job.last_sent
+        if sent is not None:
+            error.failed_at(sent.tier, sent.pool.model, sent.replica.url)
+        else:
+            error.failed_at(job.tier, job.options[0][1].model if job.options else None)
         if _client_fault(error):
             return
         if isinstance(error, RateLimited):

@@ -14,7 +14,9 @@
         └── UpstreamStatus           backend's own 4xx/5xx passed through
 
 Each class carries the HTTP status and OpenAI's `type`/`code`; `api.errors` turns
-them into OpenAI bodies in exactly one place.
+them into OpenAI bodies in exactly one place. An error raised while dispatching also says
+where the request failed (`tier`, `model`, `replica`): for logs, metrics and spans only,
+never in the body.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ class TriageError(Exception):
     status_code: int = 500
     error_type: str = "api_error"
     default_code: str | None = None
+    # Where it failed, once the request was routed: the tier, and the model and replica
+    # of the send that failed it (None when nothing was sent). See `failed_at`.
+    tier: str | None = None
+    model: str | None = None
+    replica: str | None = None
 
     def __init__(
         self,
@@ -41,6 +48,11 @@ class TriageError(Exception):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, param={self.param!r}, code={self.code!r})"
+
+    def failed_at(self, tier: str, model: str | None, replica: str | None = None) -> None:
+        """Say where the request failed; the first to say so (the nearest to it) wins."""
+        if self.tier is None:
+            self.tier, self.model, self.replica = tier, model, replica
 
 
 class InvalidRequest(TriageError):

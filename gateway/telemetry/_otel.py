@@ -21,6 +21,7 @@ from opentelemetry.trace import Span as OtelSpan
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from gateway.errors import TriageError
 from gateway.telemetry.logs import completion_text, prompt_text
 from gateway.telemetry.tracing import (
     OPERATION_NAMES,
@@ -132,10 +133,11 @@ class LiveTrace(RequestTrace):
             root.set_attributes(_content_attributes(record))
         if record.requested_model is not None:
             root.update_name(f"{self._operation} {record.requested_model}")
-        if record.error_code is not None:
-            root.set_attribute("error.type", record.error_code)
+        error_type = record.error_code or record.error_type  # the answer's code, else type
+        if error_type is not None:
+            root.set_attribute("error.type", error_type)
         if record.status >= 500:
-            root.set_status(Status(StatusCode.ERROR, record.error_code))
+            root.set_status(Status(StatusCode.ERROR, error_type))
         root.end()
 
 
@@ -249,6 +251,7 @@ def request_attributes(record: RequestRecord, operation: str) -> dict[str, Attri
         ("triage.decision_reason", record.decision_reason),
         ("triage.difficulty", record.difficulty),
         ("triage.replica", record.replica),
+        ("triage.usage.source", record.usage_source),
     )
     attributes.update((key, value) for key, value in optional if value is not None)
     if record.model is not None:
@@ -286,10 +289,13 @@ def _content_attributes(record: RequestRecord) -> dict[str, str]:
 
 
 def _mark_failed(span: OtelSpan, error: BaseException) -> None:
-    code = getattr(error, "code", None)
-    span.set_attribute(
-        "error.type", code if isinstance(code, str) and code else type(error).__name__
-    )
+    """`error.type`: a `TriageError`'s OpenAI code, else its type; else the exception's
+    class (a send cut off by a cancellation, say)."""
+    if isinstance(error, TriageError):
+        kind = error.code or error.error_type
+    else:
+        kind = type(error).__name__
+    span.set_attribute("error.type", kind)
     span.set_status(Status(StatusCode.ERROR, str(error) or type(error).__name__))
 
 

@@ -7,26 +7,36 @@ files and a scrape merges every worker's: each worker then flushes its buffers, 
 copies its replica gauges into those files, once a second, so a scrape sees all
 workers' counts up to a second late. Labels are bounded: tiers, models, replicas and
 tenants come from the policy (an unknown tenant is counted as "other"), and nothing per
-request becomes a label.
+request becomes a label. A request that failed after routing is counted on the tier
+(and model, replica) it failed at, not as "none".
+
+No `_created` series: prometheus-client would stamp each with the time its labels were
+first seen (here, the first scrape after the first request, as updates are buffered),
+and the Prometheus text format shows them as separate gauge families.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, TypeVar, get_args
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from gateway.pools import Pool
+from gateway.pools import EjectionReason, Pool
 from gateway.telemetry.buffered import BufferedCounter, BufferedHistogram
 from gateway.telemetry.record import RequestRecord
 from gateway.telemetry.tracing import OPERATION_NAMES
@@ -48,7 +58,8 @@ _GaugeSpec = tuple[str, str, tuple[str, ...]]
 _MultiprocessMode = Literal["livemin", "livesum", "livemax"]
 _REPLICA_UP: _GaugeSpec = (
     "triage_replica_up",
-    "1 if the replica is in rotation, 0 if ejected.",
+    "1 if the replica is in rotation (its breaker closed), 0 if ejected (open, or waiting "
+    "for its probe).",
     ("model", "replica"),
 )
 _REPLICA_IN_FLIGHT: _GaugeSpec = (
@@ -63,10 +74,11 @@ _REPLICA_FAILURES: _GaugeSpec = (
 )
 _REPLICA_EJECTIONS: _GaugeSpec = (
     "triage_replica_ejections",
-    "Times a replica was taken out of rotation (failed requests, refused connections, "
-    "failed checks).",
-    ("model", "replica"),
+    "Times a replica was taken out of rotation, by reason: connect_refused, "
+    "health_probe_failed, failures (requests in a row got no answer), outlier (5xx rate).",
+    ("model", "replica", "reason"),
 )
+_EJECTION_REASONS: tuple[str, ...] = get_args(EjectionReason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +103,7 @@ class Metrics:
     """Every metric of one app; `observe(record)` is the whole per-request update."""
 
     def __init__(self, multiprocess_dir: str | None = None) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide switch
         self.registry = CollectorRegistry()
         self.multiprocess_dir = multiprocess_dir
         self._bound = _Bound({}, {}, None)
@@ -118,6 +131,15 @@ class Metrics:
                 "triage_tokens",
                 "Tokens processed by the backends, by tenant, tier, model and type (input/output).",
                 ("tenant", "tier", "model", "type"),
+                registry=r,
+            )
+        )
+        self.tokens_unreported = BufferedCounter(
+            Counter(
+                "triage_tokens_unreported",
+                "Tokens the backend did not report, counted by the gateway (a part of "
+                "triage_tokens): source tokenized (the backend's tokenizer) or estimated.",
+                ("tenant", "tier", "model", "type", "source"),
                 registry=r,
             )
         )
@@ -177,7 +199,9 @@ class Metrics:
         self.slo = BufferedCounter(
             Counter(
                 "triage_slo_requests",
-                "Requests judged against their tier's SLO: met, ttft_missed, e2e_missed or error.",
+                "Requests judged against their tier's SLO: met, ttft_missed, e2e_missed, "
+                "error, or refused by admission: shed (429 over capacity) or expired (503 "
+                "deadline passed).",
                 ("tier", "result"),
                 registry=r,
             )
@@ -245,9 +269,10 @@ class Metrics:
                 registry=r,
             )
         )
-        # Replica state is the pools' own (`Replica.ejections` counts its ejections): read
-        # at scrape time in one process, copied into the shared files once a second in many.
-        self._ejections_seen: dict[tuple[str, str], int] = {}
+        # Replica state is the pools' own (`Replica.ejections_by_reason` counts ejections):
+        # read at scrape time in one process, copied into the shared files once a second
+        # in many.
+        self._ejections_seen: dict[tuple[str, str, str], int] = {}
         if multiprocess_dir is None:
             r.register(self._policy_collector)
             self._replica_gauges: (
@@ -312,10 +337,13 @@ class Metrics:
 
     def _observe_usage(self, record: RequestRecord, tenant: str, tier: str, model: str) -> None:
         operation = OPERATION_NAMES.get(record.operation, record.operation)
+        source = record.usage_source
         for kind, count in (("input", record.prompt_tokens), ("output", record.completion_tokens)):
             if count:
                 self.tokens.add((tenant, tier, model, kind), count)
                 self.token_usage.observe((operation, model, tier, kind), count)
+                if source is not None and source != "backend":
+                    self.tokens_unreported.add((tenant, tier, model, kind, source), count)
         if record.cost_usd:
             self.cost.add((tenant, tier, model), record.cost_usd)
 
@@ -359,16 +387,17 @@ class Metrics:
         assert self._replica_gauges is not None and self._replica_ejections is not None
         up, in_flight, failures = self._replica_gauges
         seen = self._ejections_seen
-        for model, url, is_up, flight, failed, ejected in _replica_states(self._bound.pools):
+        for model, url, is_up, flight, failed, ejections in _replica_states(self._bound.pools):
             up(model, url).set(is_up)
             in_flight(model, url).set(flight)
             failures(model, url).set(failed)
-            new = ejected - seen.get((model, url), 0)
-            if new < 0:  # a reload built the replica anew: its count started again
-                new = ejected
-            if new:
-                self._replica_ejections(model, url).inc(new)
-            seen[model, url] = ejected
+            for reason, ejected in ejections:
+                new = ejected - seen.get((model, url, reason), 0)
+                if new < 0:  # a reload built the replica anew: its count started again
+                    new = ejected
+                # Every reason's series exists from the start, at 0: `rate()` sees the first.
+                self._replica_ejections(model, url, reason).inc(new)
+                seen[model, url, reason] = ejected
 
     async def _sample_forever(self) -> None:
         while True:
@@ -453,16 +482,19 @@ class _PolicyCollector(Collector):
         yield objective
         if not self._replicas:
             return
-        families: list[GaugeMetricFamily | CounterMetricFamily] = [
+        families = [
             GaugeMetricFamily(name, text, labels=labels)
             for name, text, labels in (_REPLICA_UP, _REPLICA_IN_FLIGHT, _REPLICA_FAILURES)
         ]
         name, text, labels = _REPLICA_EJECTIONS
-        families.append(CounterMetricFamily(name, text, labels=labels))
-        for model, url, *values in _replica_states(bound.pools):
-            for family, value in zip(families, values, strict=True):
+        ejected = CounterMetricFamily(name, text, labels=labels)
+        for model, url, is_up, flight, failed, ejections in _replica_states(bound.pools):
+            for family, value in zip(families, (is_up, flight, failed), strict=True):
                 family.add_metric((model, url), value)
+            for reason, count in ejections:
+                ejected.add_metric((model, url, reason), count)
         yield from families
+        yield ejected
 
 
 def reset_multiprocess_dir(path: str | Path) -> None:
@@ -479,17 +511,26 @@ def reset_multiprocess_dir(path: str | Path) -> None:
 
 def _replica_states(
     pools: Mapping[str, Pool],
-) -> Iterable[tuple[str, str, int, int, int, int]]:
-    """model, URL, up, in flight, consecutive failures, ejections: of each replica."""
-    now = time.monotonic()
+) -> Iterable[tuple[str, str, int, int, int, list[tuple[str, int]]]]:
+    """model, URL, up, in flight, consecutive failures, (reason, ejections): of each replica.
+
+    Up is its breaker closed: an ejected replica is not back because its cooldown has
+    passed, only once a probe (or a passing health check, then a probe) brings it back.
+    """
     for model, pool in pools.items():
         for replica in pool.replicas:
-            up = 1 if replica.available(now) else 0
-            yield model, replica.url, up, replica.in_flight, replica.failures, replica.ejections
+            up = 1 if replica.state == "closed" else 0
+            by_reason = replica.ejections_by_reason
+            ejections = [(reason, by_reason.get(reason, 0)) for reason in _EJECTION_REASONS]
+            ejections += [(r, n) for r, n in by_reason.items() if r not in _EJECTION_REASONS]
+            yield model, replica.url, up, replica.in_flight, replica.failures, ejections
 
 
 def _slo_result(record: RequestRecord, slo: SloTarget) -> str | None:
-    """met / ttft_missed / e2e_missed / error; None for client errors, which say nothing."""
+    """met / ttft_missed / e2e_missed / error, or shed / expired for a request admission
+    refused; None for client errors, which say nothing."""
+    if record.shed:
+        return "expired" if record.error_code == "deadline_expired" else "shed"
     if record.status >= 500:
         return "error"
     if record.status >= 400:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from gateway.errors import TriageError
+from gateway.errors import ClientClosedRequest, TriageError
 from gateway.telemetry.tracing import NOOP_TRACE, RequestTrace
 
 if TYPE_CHECKING:
@@ -40,17 +40,22 @@ class RequestRecord:
     stream: bool = False
     body: Mapping[str, Any] | None = field(default=None, repr=False)
     decided_tier: str | None = None  # the router's choice
+    decided_model: str | None = None  # its first model
     decision_reason: str | None = None  # model | tier | header | rule:N | classifier | default
     difficulty: float | None = None
     budget_downgraded: bool = False  # the budget moved the request off `decided_tier`
-    tier: str | None = None  # the tier that served it
-    model: str | None = None  # the policy's model name that served it
-    replica: str | None = None  # base URL of the replica that served it
+    # The tier, the policy's model name and the replica's base URL that served it; of a
+    # request that failed after routing, those it failed at (see `fail`).
+    tier: str | None = None
+    model: str | None = None
+    replica: str | None = None
     cache: CacheResult = "bypass"
     status: int = 200
-    error_code: str | None = None
+    error_code: str | None = None  # the OpenAI `code` the client was answered with
+    error_type: str | None = None  # and its OpenAI `type`
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    usage_source: str | None = None  # backend | tokenized | estimated (gateway/tokenize.py)
     cost_usd: float = 0.0
     saved_usd: float = 0.0  # a cache hit: what the cached answer cost when it was made
     first_token_at: float | None = None
@@ -71,6 +76,7 @@ class RequestRecord:
 
     def routed(self, decision: Decision) -> None:
         self.decided_tier = decision.tier
+        self.decided_model = decision.model if decision.candidates else None
         self.decision_reason = decision.reason
         self.difficulty = decision.difficulty
 
@@ -83,25 +89,38 @@ class RequestRecord:
         """Copy an upstream exchange's usage and timing; a stream cut short counts as failed."""
         self.prompt_tokens = outcome.prompt_tokens
         self.completion_tokens = outcome.completion_tokens
+        self.usage_source = outcome.usage_source
         self.first_token_at = outcome.first_token_at
         self.finish_reasons = outcome.finish_reasons
         if outcome.error is not None:
             self.fail(outcome.error)
-        elif not outcome.completed and self.error_code is None:
-            self.status = CLIENT_CLOSED
-            self.error_code = "client_closed"
+        elif not outcome.completed and self.status < 400:
+            self._client_closed()
 
     def fail(self, error: BaseException) -> None:
-        """Record the error the client was answered with (or the one that ended the request)."""
+        """Record the error the client was answered with (or the one that ended the request)
+        as its status, OpenAI `code` and `type`. A request routed but not served is put on
+        where it failed: the tier, model and replica the error names, else the decision's."""
+        if self.tier is None and self.decided_tier is not None:
+            if isinstance(error, TriageError) and error.tier is not None:
+                self.tier, self.model, self.replica = error.tier, error.model, error.replica
+            else:
+                self.tier, self.model = self.decided_tier, self.decided_model
         if isinstance(error, TriageError):
             self.status = error.status_code
-            self.error_code = error.code or type(error).__name__
+            self.error_code = error.code
+            self.error_type = error.error_type
         elif isinstance(error, asyncio.CancelledError | GeneratorExit):
-            self.status = CLIENT_CLOSED
-            self.error_code = "client_closed"
-        else:
+            self._client_closed()
+        else:  # a bug: answered as gateway/app.py's `internal_error`
             self.status = 500
             self.error_code = "internal_error"
+            self.error_type = "api_error"
+
+    def _client_closed(self) -> None:
+        self.status = CLIENT_CLOSED
+        self.error_code = ClientClosedRequest.default_code
+        self.error_type = ClientClosedRequest.error_type
 
     # --- derived figures -------------------------------------------------------------------
 

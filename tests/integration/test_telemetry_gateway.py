@@ -26,6 +26,7 @@ from tests.integration.conftest import (
     Service,
     Services,
     policy_for,
+    set_faults,
     start_gateway,
     start_sim,
 )
@@ -413,3 +414,145 @@ def test_each_worker_writes_its_request_lines(
     for request_id in ids:
         (line,) = request_lines(workers, request_id)
         assert line["status"] == 200
+
+
+# --- failed requests: where they failed, what the client was told -------------------------
+
+SLOW = ("--ttft-ms", "300", "--itl-ms", "2", "--jitter", "0")
+OVERHEAD = "x-triage-overhead-ms"
+
+
+@pytest.fixture(scope="module")
+def failing(log_dir: Path, services: Services) -> tuple[Service, Service]:
+    """A slow cheap replica (300 ms to a first token) with an SLO, faults set per test, no
+    fallback tier (each failure stays where it happened); a 2 s upstream timeout."""
+    small = services(start_sim(log_dir, "small", *SLOW))
+    large = services(start_sim(log_dir, "large", *FAST))
+    slo = {"ttft_ms": 2000, "e2e_ms": 5000, "max_queue_ms": 1000}
+    policy = policy_for(
+        [small.url],
+        [large.url],
+        server={"upstream_timeout_s": 2},
+        tiers={"cheap": {"models": [SMALL], "slo": slo}},
+        routing={"fallback": {}},
+        cache={"enabled": False},
+    )
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ""}
+    return small, services(start_gateway(log_dir, policy, env))
+
+
+def overhead_of(response: httpx.Response) -> float:
+    """The gateway's own time the answer reports; it must be there, on errors too."""
+    assert OVERHEAD in response.headers, (response.status_code, dict(response.headers))
+    return float(response.headers[OVERHEAD])
+
+
+def logged(gateway: Service, response: httpx.Response) -> dict[str, Any]:
+    (line,) = request_lines(gateway, response.headers["x-triage-request-id"])
+    error = response.json()["error"]
+    # What the client was told, never a Python class name.
+    assert (line["status"], line["error_code"], line["error_type"]) == (
+        response.status_code,
+        error["code"],
+        error["type"],
+    )
+    return line
+
+
+def test_failed_requests_are_put_on_the_tier_model_and_replica_they_failed_at(
+    failing: tuple[Service, Service],
+) -> None:
+    small, gateway = failing
+    before = scrape(gateway)
+    # A backend 400: the replica's own answer, passed on.
+    bad = ask(gateway, key=None, frequency_penalty="high")
+    assert bad.status_code == 400, bad.text
+    line = logged(gateway, bad)
+    assert (line["tier"], line["model"], line["replica"]) == ("cheap", SMALL, small.url)
+    overhead_of(bad)
+
+    # Shed: once the replica's 300 ms TTFT is known, a request that must start within
+    # 100 ms is refused, sheddable at once (429), standard when its deadline passes (503).
+    for _ in range(3):
+        assert ask(gateway, key=None, stream=True).status_code == 200
+    tight = {"x-slo-ttft-ms": "100"}
+    shed = ask(gateway, key=None, headers={**tight, "x-triage-priority": "sheddable"})
+    expired = ask(gateway, key=None, headers={**tight, "x-triage-priority": "standard"})
+    assert (shed.status_code, shed.json()["error"]["code"]) == (429, "over_capacity")
+    assert (expired.status_code, expired.json()["error"]["code"]) == (503, "deadline_expired")
+    for refused in (shed, expired):
+        line = logged(gateway, refused)
+        assert (line["tier"], line["model"], line["replica"]) == ("cheap", SMALL, None)
+        overhead_of(refused)
+
+    # A backend 500, answered as 502.
+    set_faults(small, rate=1.0, kind="500")
+    try:
+        broken = ask(gateway, key=None)
+    finally:
+        set_faults(small, rate=0.0)
+    assert broken.status_code == 502, broken.text
+    line = logged(gateway, broken)
+    assert (line["tier"], line["model"], line["replica"]) == ("cheap", SMALL, small.url)
+    overhead_of(broken)
+
+    # No answer within the upstream timeout: 504.
+    set_faults(small, rate=1.0, kind="hang")
+    try:
+        late = ask(gateway, key=None)
+    finally:
+        set_faults(small, rate=0.0)
+    assert late.status_code == 504, late.text
+    line = logged(gateway, late)
+    assert (line["tier"], line["model"], line["replica"]) == ("cheap", SMALL, small.url)
+    # The 2 s the backend took are not the gateway's.
+    assert overhead_of(late) < 1000
+
+    _, grown = settled(gateway, before, "triage_requests_total", 9)
+    cheap = {"tier": "cheap", "model": SMALL, "tenant": "anonymous", "cache": "bypass"}
+    for status, count in (("200", 3), ("400", 1), ("429", 1), ("502", 1), ("503", 1), ("504", 1)):
+        assert value(grown, "triage_requests_total", **cheap, status=status) == count, status
+    assert total(grown, "triage_requests_total", tier="none") == 0
+    for status in ("400", "502", "504"):
+        series = {"model": SMALL, "replica": small.url, "status": status}
+        assert value(grown, "triage_upstream_requests_total", **series) == 1, status
+    assert value(grown, "triage_requests_shed_total", tier="cheap") == 2
+    slo = {r: value(grown, "triage_slo_requests_total", tier="cheap", result=r) for r in
+           ("met", "shed", "expired", "error")}  # fmt: skip
+    assert slo == {"met": 3, "shed": 1, "expired": 1, "error": 2}
+
+
+def test_every_error_answer_says_the_gateways_overhead(gateway: Service) -> None:
+    unauthorized = ask(gateway, key="sk-not-a-key")
+    unknown = ask(gateway, model="no-such-model")
+    not_json = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        content=b"{not json",
+        headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+        timeout=30,
+    )
+    assert (unauthorized.status_code, unknown.status_code, not_json.status_code) == (401, 404, 400)
+    for response in (unauthorized, unknown, not_json):
+        assert 0 < overhead_of(response) < 10_000
+        line = logged(gateway, response)
+        assert line["tier"] is None  # refused before routing: no tier to put it on
+    # The routes Starlette serves too: their answers, errors included.
+    for method, path, status in (
+        ("GET", "/metrics", 200),
+        ("GET", "/healthz", 200),
+        ("GET", "/no-such-route", 404),
+        ("GET", "/v1/chat/completions", 405),
+        ("POST", "/admin/reload", 404),  # admin endpoints are off
+    ):
+        response = httpx.request(method, gateway.url + path, timeout=5)
+        assert response.status_code == status, (path, response.text)
+        assert overhead_of(response) >= 0, path
+
+
+def test_no_created_families_on_metrics(gateway: Service) -> None:
+    assert ask(gateway).status_code == 200
+    text = httpx.get(gateway.url + "/metrics", timeout=5).text
+    names = [family.name for family in text_string_to_metric_families(text)]
+    assert "triage_requests" in names
+    assert not [name for name in names if name.endswith("_created")]
+    assert "_created" not in text

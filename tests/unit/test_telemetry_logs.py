@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import RateLimited
+from gateway.errors import InvalidRequest, RateLimited
+from gateway.router import Decision
 from gateway.telemetry import Telemetry, TelemetrySettings
 from gateway.telemetry.logs import (
     REQUEST_LOGGER,
@@ -105,6 +106,26 @@ def test_errors_and_reroutes_are_in_the_line(log: io.StringIO) -> None:
     assert line["decided_tier"] == "large"
     assert line["trace_id"] is None
     assert line["ttft_ms"] is None
+
+
+def test_a_failed_request_logs_the_code_and_type_it_was_answered_with(
+    log: io.StringIO,
+) -> None:
+    """Where the answer's `code` was null, so is the line's; never a Python class name."""
+    telemetry = Telemetry(environ={})
+    record = telemetry.start("chat", {}, "req-3")
+    record.routed(Decision("cheap", (("cheap", "small"),), "tier"))
+    error = InvalidRequest("The body is not JSON.")
+    error.failed_at("cheap", "small", "http://r0:8000/v1")
+    record.fail(error)
+    telemetry.finish(record)
+    (line,) = lines(log)
+    assert (line["status"], line["error_code"], line["error_type"]) == (
+        400,
+        None,
+        "invalid_request_error",
+    )
+    assert (line["tier"], line["model"], line["replica"]) == ("cheap", "small", "http://r0:8000/v1")
 
 
 def test_prompt_and_completion_only_when_the_policy_opts_in(log: io.StringIO) -> None:

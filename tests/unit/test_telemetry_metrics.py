@@ -15,8 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from gateway.errors import RateLimited, UpstreamStatus, UpstreamUnavailable
 from gateway.policy import Policy, parse_policy
 from gateway.pools import Pool
+from gateway.router import Decision
 from gateway.telemetry import RequestRecord, Telemetry
 from gateway.telemetry.metrics import reset_multiprocess_dir
 
@@ -34,9 +36,10 @@ RAW_POLICY = {
     "tenants": {"team-a": {}, "team-b": {}},
 }
 S0 = "http://s0:8000/v1"
+REFUSED = "connect_refused"  # the ejection reason of `Replica.mark_down`
 ALLOWED_LABELS = {
     "tier", "model", "tenant", "status", "cache", "type", "result", "reason", "replica",
-    "from_tier", "to_tier", "window", "objective", "le",
+    "from_tier", "to_tier", "window", "objective", "le", "source",
     "gen_ai_operation_name", "gen_ai_response_model", "gen_ai_token_type",
 }  # fmt: skip
 
@@ -244,7 +247,20 @@ async def test_replica_gauges_are_read_at_scrape_time() -> None:
     assert value(found, "triage_replica_up", model="small", replica=s1.url) == 0
     assert value(found, "triage_replica_in_flight", model="small", replica=S0) == 3
     assert value(found, "triage_replica_consecutive_failures", model="small", replica=s1.url) == 1
-    assert value(found, "triage_replica_ejections_total", model="small", replica=s1.url) == 1
+    ejections = {"model": "small", "replica": s1.url}
+    assert value(found, "triage_replica_ejections_total", **ejections, reason=REFUSED) == 1
+    assert value(found, "triage_replica_ejections_total", **ejections, reason="outlier") == 0
+    # Every reason has its series from the start, at 0.
+    for reason in ("connect_refused", "health_probe_failed", "failures", "outlier"):
+        key = ("triage_replica_ejections_total", frozenset({**ejections, "reason": reason}.items()))
+        assert key in found
+    # Its cooldown over, an ejected replica is still out until a probe brings it back.
+    s1.down_until = 0.0
+    found = await samples(telemetry)
+    assert value(found, "triage_replica_up", model="small", replica=s1.url) == 0
+    s1.succeeded(now=1.0)
+    found = await samples(telemetry)
+    assert value(found, "triage_replica_up", model="small", replica=s1.url) == 1
     # A reload that drops a replica drops its gauges.
     models = {"small": {"replicas": [S0]}, "big": {"replicas": ["http://b0:8000/v1"]}}
     reloaded = parse_policy({**RAW_POLICY, "models": models}, {})
@@ -334,7 +350,9 @@ async def test_multiprocess_mode_merges_workers(
     assert value(found, "triage_requests_total", **labels, cache="bypass") == 3
     assert value(found, "triage_replica_in_flight", model="small", replica=S0) == 3
     assert value(found, "triage_replica_up", model="small", replica=S0) == 1
-    assert value(found, "triage_replica_ejections_total", model="small", replica=s1.url) == 1
+    ejections = {"model": "small", "replica": s1.url}
+    assert value(found, "triage_replica_ejections_total", **ejections, reason=REFUSED) == 1
+    assert value(found, "triage_replica_ejections_total", **ejections, reason="failures") == 0
     budget = {"tenant": "team-a", "tier": "all", "window": "day"}
     assert value(found, "triage_budget_remaining_usd", **budget) == 7
     assert value(found, "triage_slo_target_ratio", tier="cheap") == 0.95
@@ -358,3 +376,60 @@ def test_reset_multiprocess_dir(tmp_path: Path) -> None:
     (directory / "keep.txt").write_text("x")
     reset_multiprocess_dir(directory)
     assert sorted(p.name for p in directory.iterdir()) == ["keep.txt"]
+
+
+async def test_requests_admission_refused_are_slo_results_of_their_tier() -> None:
+    """A tier that refuses everything shows it: shed (429) and expired (503) are results."""
+    telemetry = bound_telemetry()
+    telemetry.finish(stream_record(telemetry))
+    for error in (
+        RateLimited("over capacity", code="over_capacity"),
+        UpstreamUnavailable("too late", code="deadline_expired"),
+        UpstreamUnavailable("too late", code="deadline_expired"),
+    ):
+        refused = telemetry.start("chat", {}, "r")
+        refused.tenant = "team-a"
+        refused.routed(Decision("cheap", (("cheap", "small"),), "tier"))
+        refused.fail(error)
+        refused.shed = True
+        telemetry.finish(refused)
+    found = await samples(telemetry)
+    results = ("met", "shed", "expired", "error")
+    slo = {r: value(found, "triage_slo_requests_total", tier="cheap", result=r) for r in results}
+    assert slo == {"met": 1, "shed": 1, "expired": 2, "error": 0}
+    assert value(found, "triage_requests_shed_total", tier="cheap") == 3
+    labels = {"tier": "cheap", "model": "small", "tenant": "team-a", "cache": "bypass"}
+    assert value(found, "triage_requests_total", **labels, status="429") == 1
+    assert value(found, "triage_requests_total", **labels, status="503") == 2
+    assert not any(dict(labels).get("tier") == "none" for _, labels in found)
+
+
+async def test_a_request_that_failed_upstream_is_counted_on_its_tier_model_and_replica() -> None:
+    telemetry = bound_telemetry()
+    failed = telemetry.start("chat", {}, "r")
+    failed.tenant = "team-a"
+    failed.routed(Decision("cheap", (("cheap", "small"), ("large", "big")), "tier"))
+    error = UpstreamStatus(502, "bad gateway")
+    error.failed_at("large", "big", "http://b0:8000/v1")  # as the dispatcher does
+    failed.fail(error)
+    telemetry.finish(failed)
+    found = await samples(telemetry)
+    labels = {"tier": "large", "model": "big", "tenant": "team-a", "cache": "bypass"}
+    assert value(found, "triage_requests_total", **labels, status="502") == 1
+    replica = {"model": "big", "replica": "http://b0:8000/v1"}
+    assert value(found, "triage_upstream_requests_total", **replica, status="502") == 1
+    assert value(found, "triage_slo_requests_total", tier="large", result="error") == 1
+    reroute = {"from_tier": "cheap", "to_tier": "large", "reason": "fallback"}
+    assert value(found, "triage_tier_reroutes_total", **reroute) == 1
+
+
+async def test_no_created_series() -> None:
+    """prometheus-client's `_created` samples come out as gauge families of their own in the
+    text format, stamped with the first scrape's time: there are none."""
+    telemetry = bound_telemetry()
+    telemetry.finish(stream_record(telemetry))
+    for accept in ("", "application/openmetrics-text; version=1.0.0"):
+        response = await scrape(telemetry, accept)
+        assert "_created" not in response.text
+        names = {family.name for family in text_string_to_metric_families(response.text)}
+        assert "triage_requests" in names or "triage_requests_total" in names

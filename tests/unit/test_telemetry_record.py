@@ -3,7 +3,14 @@ from __future__ import annotations
 import asyncio
 
 from gateway.api.request import ParsedRequest
-from gateway.errors import NotFound, UpstreamTimeout
+from gateway.errors import (
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    TriageError,
+    UpstreamStatus,
+    UpstreamTimeout,
+)
 from gateway.router import Decision
 from gateway.telemetry import RequestRecord, Telemetry
 from gateway.telemetry.record import CLIENT_CLOSED
@@ -81,3 +88,59 @@ def test_start_uses_the_shared_noop_trace_and_finish_is_idempotent() -> None:
     telemetry.metrics.flush()
     families = telemetry.metrics.requests.metric.collect()
     assert sum(s.value for f in families for s in f.samples if s.name.endswith("_total")) == 1
+
+
+def test_the_error_code_is_the_one_the_client_saw_and_the_type_beside_it() -> None:
+    """Never a Python class name: an error answered without a code is logged without one."""
+    cases = [
+        (UpstreamStatus(400, "bad", code="bad_param"), 400, "bad_param"),
+        (InvalidRequest("bad json"), 400, None),
+        (TriageError("boom"), 500, None),
+        (NotFound("no such model"), 404, "model_not_found"),
+    ]
+    for error, status, code in cases:
+        record = RequestRecord("r", "chat")
+        record.fail(error)
+        assert (record.status, record.error_code, record.error_type) == (
+            status,
+            code,
+            error.error_type,
+        )
+    closed = RequestRecord("r", "chat")
+    closed.fail(asyncio.CancelledError())
+    assert (closed.error_code, closed.error_type) == ("client_closed", "invalid_request_error")
+
+
+def routed() -> RequestRecord:
+    record = RequestRecord("r", "chat")
+    record.routed(Decision("cheap", (("cheap", "small"), ("large", "big")), "tier"))
+    return record
+
+
+def test_a_request_that_failed_after_routing_is_put_where_it_failed() -> None:
+    sent = UpstreamStatus(502, "bad gateway")
+    sent.failed_at("large", "big", "http://b0:8000/v1")
+    record = routed()
+    record.fail(sent)
+    assert (record.tier, record.model, record.replica) == ("large", "big", "http://b0:8000/v1")
+    # Nothing sent (over budget, shed before the dispatcher said where): the decision's.
+    for error in (RateLimited("budget"), asyncio.CancelledError()):
+        record = routed()
+        record.fail(error)
+        assert (record.tier, record.model, record.replica) == ("cheap", "small", None)
+    # Served, then failed: where it was served stays.
+    record = routed()
+    record.served("cheap", "small", "http://s0:8000/v1")
+    record.fail(sent)
+    assert (record.tier, record.model, record.replica) == ("cheap", "small", "http://s0:8000/v1")
+    # Never routed: nowhere.
+    unrouted = RequestRecord("r", "chat")
+    unrouted.fail(sent)
+    assert (unrouted.tier, unrouted.model, unrouted.replica) == (None, None, None)
+
+
+def test_the_first_to_say_where_it_failed_wins() -> None:
+    error = UpstreamTimeout("late")
+    error.failed_at("cheap", "small", "http://s0:8000/v1")
+    error.failed_at("cheap", "small", "http://s1:8000/v1")
+    assert error.replica == "http://s0:8000/v1"
