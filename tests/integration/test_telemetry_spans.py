@@ -31,7 +31,7 @@ from tests.integration.conftest import (
 
 pytestmark = pytest.mark.integration
 FAST = ("--ttft-ms", "2", "--itl-ms", "1", "--jitter", "0")
-FLAKY = "flaky-8b"  # a model on a replica that always fails; its tier falls back to cheap
+FLAKY = "flaky-8b"  # a model on a replica that always answers 503; its tier falls back to cheap
 SECRET = "the secret prompt text"
 CLIENT_TRACE_ID, CLIENT_SPAN_ID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 STAGES = {"triage.auth", "triage.route", "triage.cache.lookup"}
@@ -45,7 +45,7 @@ def sims(log_dir: Path, services: Callable[[Service], Service]) -> dict[str, Ser
         "large": services(start_sim(log_dir, "large", *FAST)),
         "flaky": services(start_sim(log_dir, "small", *FAST)),
     }
-    set_faults(started["flaky"], rate=1.0, kind="500")
+    set_faults(started["flaky"], rate=1.0, kind="503")  # not started: may fall back
     return started
 
 
