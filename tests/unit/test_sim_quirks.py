@@ -65,7 +65,9 @@ async def test_health_endpoint_exists_only_where_the_server_has_one(
         assert (await client.get("/health")).status_code == 404
         return
     if quirks.health_delay_s:
-        pytest.skip("SGLang's health answers after a second; covered in test_backends")
+        quirks = dataclasses.replace(quirks, health_delay_s=0.0)  # SGLang's 1 s wait aside
+        transport = httpx.ASGITransport(app=build_sim_app(PROFILE, quirks=quirks))
+        client = httpx.AsyncClient(transport=transport, base_url="http://sim")
     response = await client.get(quirks.health_path)
     assert (response.status_code, response.content) == (200, quirks.health_body)
     if quirks.health_path != "/health":
@@ -155,9 +157,10 @@ def count_words(text: str) -> int:
     return len(text.split())
 
 
+@pytest.mark.parametrize(
+    "quirks", [q for _, q in sorted(QUIRKS.items()) if q.n == "supported"], ids=lambda q: q.name
+)
 async def test_streamed_n_interleaves_the_choices(quirks: Quirks) -> None:
-    if quirks.n != "supported":
-        pytest.skip("only servers that support n")
     transport = httpx.ASGITransport(app=build_sim_app(PROFILE, quirks=quirks))
     payload = {**CHAT, "n": 2, "max_tokens": 5, "stream": True}
     async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
