@@ -22,9 +22,9 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from gateway.slo import SloTarget
 from gateway.telemetry import Telemetry, TelemetrySettings
 from gateway.telemetry.logs import REQUEST_LOGGER, JsonFormatter
-from gateway.telemetry.metrics import SloTarget
 from gateway.telemetry.tracing import NOOP_TRACE
 from gateway.upstream import Outcome
 
@@ -95,7 +95,7 @@ def encoding_processor() -> object:
 
 def build(settings: TelemetrySettings, processor: object | None = None) -> Telemetry:
     telemetry = Telemetry(settings, environ={}, span_processor=processor)  # type: ignore[arg-type]
-    telemetry.metrics.bind({}, {"cheap": SloTarget(0.3, 5.0, 0.95)}, frozenset({"team-a"}))
+    telemetry.metrics.bind({}, {"cheap": SloTarget(0.3, 5.0, 95.0)}, frozenset({"team-a"}))
     return telemetry
 
 

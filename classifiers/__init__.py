@@ -1,1 +1,3 @@
 """Difficulty classifiers: plain scikit-learn, no server code."""
+
+__all__: list[str] = []

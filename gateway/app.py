@@ -6,16 +6,12 @@ import asyncio
 import contextlib
 import functools
 import gc
-import hmac
 import logging
-import os
-import signal
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -23,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.admin import Admin
 from gateway.api.disconnect import unless_client_leaves
 from gateway.api.errors import error_response
 from gateway.api.openapi import openapi_document
@@ -30,41 +27,27 @@ from gateway.api.reply import EVENT_STREAM, JSON, Reply
 from gateway.api.request import ParsedRequest, read_request
 from gateway.api.schemas import RequestKind
 from gateway.api.streaming import EventStreamResponse
-from gateway.auth import ANONYMOUS, Caller, tier_forbidden
+from gateway.auth import Caller, tier_forbidden
 from gateway.budgets.errors import QuotaExceeded
 from gateway.budgets.plan import downgrade_order
 from gateway.cache.plan import CACHE_HEADER
 from gateway.cache.replay import render_events, render_json
 from gateway.dispatch import SHED_CODES, Dispatched
-from gateway.errors import (
-    AuthenticationFailed,
-    InvalidRequest,
-    NotFound,
-    TriageError,
-    UpstreamUnavailable,
-)
+from gateway.errors import InvalidRequest, TriageError
 from gateway.exchange import OVERHEAD_HEADER, Exchange, new_request_id
-from gateway.policy import PolicyError, hash_key, load_policy
+from gateway.policy import PolicyError, load_policy
 from gateway.router import AUTO, Decision, RouteInput
 from gateway.runtime import Runtime, Stores, build_runtime
-from gateway.server import start_deadline_on_exit_signals
+from gateway.server import handle_signals
 from gateway.simulated import SimulatedFleet
 from gateway.slo import LatencyTracker
-from gateway.store import StoreUnavailable
 from gateway.telemetry import RequestRecord, Telemetry
 from gateway.tokenize import Tokenizer
-from gateway.upstream import (
-    DONE_EVENT,
-    Upstream,
-    close_session,
-    finish_reasons,
-    model_rename,
-    new_session,
-)
+from gateway.upstream import DONE_EVENT, Upstream, finish_reasons
+
+__all__ = ["FORWARDED_HEADERS", "Gateway", "GatewayApp", "build_app", "header_map", "logger"]
 
 logger = logging.getLogger("triage")
-
-SUPERVISOR_PID = "TRIAGE_SUPERVISOR_PID"  # set by `triage serve --workers N` for its workers
 
 FORWARDED_HEADERS = ("traceparent", "tracestate")
 
@@ -78,7 +61,6 @@ class Gateway:
         self.stores = Stores()
         self.slo = LatencyTracker({})  # SLO attainment and latency per tier, for /metrics
         self._runtime: Runtime | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._upstream: Upstream | None = None
         self._reload_lock = asyncio.Lock()
         self._telemetry: Telemetry | None = None
@@ -107,9 +89,10 @@ class Gateway:
         policy = load_policy(self.policy_path)
         server = policy.server
         self._telemetry = Telemetry(policy.telemetry)
-        self._session = new_session(server.upstream_connections_per_replica)
-        self._upstream = Upstream(
-            self._session, server.upstream_timeout_s, server.upstream_connect_timeout_s
+        self._upstream = Upstream.open(
+            server.upstream_connections_per_replica,
+            server.upstream_timeout_s,
+            server.upstream_connect_timeout_s,
         )
         self._runtime = await build_runtime(
             policy,
@@ -119,9 +102,9 @@ class Gateway:
             self.upstream,
             self.slo,
         )
+        self.runtime.start()
         self.telemetry.bind(policy, self.runtime.pools)
-        _on_sighup(lambda: asyncio.ensure_future(self.reload()))
-        start_deadline_on_exit_signals()
+        handle_signals(self.reload)
         # What start-up built (policy, classifier vocabulary, metric families) lives as long
         # as the process: out of the collector's sight, a full collection no longer walks
         # ~80k objects mid-request (p99 at concurrency 32: 55-74 ms -> 31-51 ms, A/B run).
@@ -132,13 +115,15 @@ class Gateway:
         finally:
             await self.telemetry.close()
             await self.runtime.close()
-            await close_session(self._session)
+            await self.upstream.close()
             await self.tokenizer.close()
             await self.fleet.stop()
             await self.stores.close()
 
     async def reload(self) -> list[str]:
-        """Load the policy file again; keep the old one if the new one is invalid."""
+        """Load the policy file again and start it; keep the old one, and return why, when
+        the policy, its classifier file or its feedback path will not do. A rejected
+        reload leaves nothing running: building starts nothing (`gateway.runtime`)."""
         async with self._reload_lock:
             try:
                 policy = load_policy(self.policy_path)
@@ -151,6 +136,7 @@ class Gateway:
                     self.slo,
                     self._runtime,
                 )
+                runtime.start()
             except PolicyError as exc:
                 logger.error("policy reload rejected, keeping the current policy:\n%s", exc)
                 return exc.errors
@@ -162,15 +148,6 @@ class Gateway:
             return []
 
     # --- the request path ------------------------------------------------------------
-
-    async def chat_completions(self, request: Request) -> ASGIApp:
-        return await self.generate(request, "chat")
-
-    async def completions(self, request: Request) -> ASGIApp:
-        return await self.generate(request, "completions")
-
-    async def embeddings(self, request: Request) -> ASGIApp:
-        return await self.generate(request, "embeddings")
 
     async def generate(self, request: Request, kind: RequestKind) -> ASGIApp:
         """The request path: admit, cache, reserve, forward. Answers every failure itself,
@@ -342,6 +319,9 @@ class Gateway:
         return await self._respond(exchange, dispatched)
 
     async def _respond(self, exchange: Exchange, dispatched: Dispatched) -> ASGIApp:
+        """The answer for the client. `exchange.finish` runs once it is sent: a stream's
+        when it ends however it ends (`on_close`), a JSON body's after its last byte; a
+        body that fails to arrive is finished by `generate`, as every other error is."""
         exchange.tokenizer = self.tokenizer
         if exchange.parsed.stream:
             if not dispatched.pool.backend.stream_usage:
@@ -349,18 +329,9 @@ class Gateway:
             exchange.overhead_header()
             events = self._relay(exchange, dispatched)
             return EventStreamResponse(events, exchange.headers, on_close=exchange.finish)
-        try:
-            waited = time.perf_counter()
-            read = self.upstream.read(
-                dispatched.replica, dispatched.response, exchange.outcome, dispatched.pool.model
-            )
-            payload = await dispatched.within_deadline(read)
-            exchange.upstream_s += time.perf_counter() - waited
-        except BaseException as error:
-            if isinstance(error, TriageError):
-                exchange.outcome.error = error  # the replica failed it: the balancer is told
-            await exchange.finish()
-            raise
+        waited = time.perf_counter()
+        payload = await dispatched.read(exchange.outcome)
+        exchange.upstream_s += time.perf_counter() - waited
         if exchange.recorder is not None:
             exchange.recorder.feed_body(payload)
         exchange.record.response_body = payload
@@ -371,17 +342,11 @@ class Gateway:
         return Reply(payload, JSON, exchange.headers, after=finish)
 
     async def _relay(self, exchange: Exchange, dispatched: Dispatched) -> AsyncIterator[bytes]:
-        """The stream for the client. Its bookkeeping (`exchange.finish`) is left to the
-        response's `on_close`, after the last byte is sent: the client does not wait on it,
-        except for a usage chunk it asked for that the backend did not send."""
+        """The stream for the client, as the cache and the usage count need it: a usage
+        chunk the client asked for that the backend did not send is counted and added."""
         wants_usage = exchange.parsed.client_wants_usage
         recorder, outcome, kept = exchange.recorder, exchange.outcome, exchange.kept
-        pool, replica, response = dispatched.pool, dispatched.replica, dispatched.response
-        served, model = pool.served_name, pool.model
-        rename = model_rename(served, model) if served != model else None
-        relay = self.upstream.relay(
-            replica, response, outcome, not wants_usage, dispatched.events(), rename
-        )
+        relay = dispatched.relay(outcome, strip_usage_chunk=not wants_usage)
         async with contextlib.aclosing(relay) as events:
             async for event in events:
                 if kept is not None:
@@ -420,49 +385,6 @@ class Gateway:
         tiers = self.runtime.ready()
         ready = all(tiers.values())
         return JSONResponse({"ready": ready, "tiers": tiers}, status_code=200 if ready else 503)
-
-    async def admin_reload(self, request: Request) -> Response:
-        """Reload this process's policy. Under `--workers N` the request reaches one worker:
-        once the policy has loaded there, the supervisor is asked (SIGHUP) to replace every
-        worker, each new one starting on the new policy, so no worker keeps the old one."""
-        self._check_admin(request)
-        errors = await self.reload()
-        if errors:
-            return JSONResponse({"reloaded": False, "errors": errors}, status_code=400)
-        supervisor = os.environ.get(SUPERVISOR_PID)
-        if supervisor is not None:
-            os.kill(int(supervisor), signal.SIGHUP)
-        return JSONResponse({"reloaded": True, "workers_restarting": supervisor is not None})
-
-    async def admin_cache_delete(self, request: Request) -> Response:
-        """`DELETE /admin/cache?tenant=T&model=M`: either, both, or neither (everything)."""
-        self._check_admin(request)
-        runtime = self.runtime
-        tenant = request.query_params.get("tenant")
-        scope = None
-        if tenant is not None:
-            policy = runtime.policy
-            settings = policy.auth.anonymous if tenant == ANONYMOUS else policy.tenants.get(tenant)
-            scope = (settings.cache_scope if settings else None) or tenant
-        try:
-            deleted = await runtime.cache.invalidate(scope, request.query_params.get("model"))
-        except StoreUnavailable as exc:
-            raise UpstreamUnavailable(
-                "The cache store is unavailable.", code="store_unavailable"
-            ) from exc
-        return JSONResponse({"deleted": deleted})
-
-    async def admin_tenant_usage(self, request: Request) -> Response:
-        self._check_admin(request)
-        return JSONResponse(await self.runtime.ledger.usage(request.path_params["tenant"]))
-
-    def _check_admin(self, request: Request) -> None:
-        expected = self.runtime.policy.server.admin_key
-        if expected is None:
-            raise NotFound("Admin endpoints are off: set server.admin_key in the policy.")
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not given or not hmac.compare_digest(hash_key(given), expected):
-            raise AuthenticationFailed("A valid admin key is required.")
 
 
 def _internal_error() -> TriageError:
@@ -513,7 +435,9 @@ class GatewayApp(Starlette):
     Its router and middleware stack cost about 6 % of a request's CPU (py-spy, see
     bench/profile_gateway.py), and `Gateway.generate` already answers every failure in
     OpenAI's shape: for the three hot routes those layers add only cost. Everything else
-    (admin, metrics, health, the lifespan) goes through Starlette as usual.
+    (admin, metrics, health, the lifespan) goes through Starlette as usual. `GENERATION`
+    is the one table of the hot routes; Starlette knows their paths only to answer any
+    other method with 405 (`build_app`).
     """
 
     GENERATION: dict[str, RequestKind] = {
@@ -543,17 +467,14 @@ def build_app(policy_path: str | Path) -> Starlette:
     """The ASGI app for one policy file. The policy loads in the lifespan."""
     gateway = Gateway(Path(policy_path))
     routes = [
-        Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
-        Route("/v1/completions", gateway.completions, methods=["POST"]),
-        Route("/v1/embeddings", gateway.embeddings, methods=["POST"]),
+        # POST never gets here (`GatewayApp.__call__`): these answer other methods 405.
+        *(Route(path, _served_above, methods=["POST"]) for path in GatewayApp.GENERATION),
         Route("/v1/models", gateway.list_models, methods=["GET"]),
         Route("/metrics", gateway.metrics, methods=["GET"]),
         Route("/openapi.json", gateway.openapi, methods=["GET"]),
         Route("/healthz", gateway.healthz, methods=["GET"]),
         Route("/readyz", gateway.readyz, methods=["GET"]),
-        Route("/admin/reload", gateway.admin_reload, methods=["POST"]),
-        Route("/admin/cache", gateway.admin_cache_delete, methods=["DELETE"]),
-        Route("/admin/tenants/{tenant}/usage", gateway.admin_tenant_usage, methods=["GET"]),
+        *Admin(gateway).routes(),
     ]
     app = GatewayApp(
         gateway,
@@ -566,6 +487,10 @@ def build_app(policy_path: str | Path) -> Starlette:
         },
     )
     return app
+
+
+async def _served_above(request: Request) -> Response:
+    raise HTTPException(405)  # pragma: no cover - a POST is served by `GatewayApp.__call__`
 
 
 async def _triage_error(request: Request, exc: Exception) -> Response:
@@ -584,8 +509,3 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     logger.exception("unexpected error on %s", request.url.path)
     return error_response(_internal_error())
-
-
-def _on_sighup(callback: object) -> None:
-    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, callback)  # type: ignore[arg-type]

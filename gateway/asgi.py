@@ -11,5 +11,7 @@ import os
 from gateway.app import build_app
 from gateway.telemetry.logs import configure_logging
 
+__all__ = ["app"]
+
 configure_logging()
 app = build_app(os.environ.get("TRIAGE_POLICY", "policies/demo.yaml"))

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from gateway.errors import AuthenticationFailed, PermissionDenied
 from gateway.policy import Policy, Tenant, hash_key
 
+__all__ = ["ANONYMOUS", "Authenticator", "Caller", "tier_forbidden"]
+
 ANONYMOUS = "anonymous"
 
 

@@ -15,6 +15,8 @@ from gateway.policy import ENDPOINTS, Policy, PolicyError, hash_key, load_policy
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
+__all__ = ["main"]
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -134,7 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="triage-metrics-")
     if args.workers > 1:
-        from gateway.app import SUPERVISOR_PID
+        from gateway.server import SUPERVISOR_PID
         from gateway.telemetry.metrics import reset_multiprocess_dir
 
         # A worker that reloads the policy asks this process to restart all of them.

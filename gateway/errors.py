@@ -21,6 +21,21 @@ never in the body.
 
 from __future__ import annotations
 
+__all__ = [
+    "AuthenticationFailed",
+    "BodyTooLarge",
+    "ClientClosedRequest",
+    "InvalidRequest",
+    "NotFound",
+    "PermissionDenied",
+    "RateLimited",
+    "TriageError",
+    "UpstreamError",
+    "UpstreamStatus",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+]
+
 
 class TriageError(Exception):
     status_code: int = 500

@@ -5,6 +5,15 @@ a client that went away) goes through `Exchange.finish`, once: the replica's in-
 count drops, the cache entry is committed only for a complete answer, the budget
 reservation is settled with what was really generated (counted here when the backend
 reported no usage: see `gateway/tokenize.py`), and telemetry gets the record.
+
+It is called from one spot per kind of response (gateway/app.py):
+
+- a cached answer: `Gateway.generate`, before the reply is returned;
+- a JSON answer: the `Reply`'s `after`, once its last byte is sent (or sending failed);
+- a stream: the `EventStreamResponse`'s `on_close`, however the stream ended (`[DONE]`,
+  an upstream error, the client gone, the shutdown deadline);
+- any error before the response starts (a refusal, a failed send or body read, a client
+  gone while waiting): `Gateway.generate`'s `except`, after the failure is recorded.
 """
 
 from __future__ import annotations
@@ -27,7 +36,8 @@ from gateway.cache.response_cache import Recorder
 from gateway.dispatch import Dispatched
 from gateway.feedback import FeedbackLog
 from gateway.policy import Price
-from gateway.pools import Pool, Replica
+from gateway.pools import Pool
+from gateway.replica import Replica
 from gateway.router import Decision
 from gateway.telemetry import RequestRecord, Telemetry
 from gateway.tokenize import (
@@ -38,6 +48,8 @@ from gateway.tokenize import (
     estimate,
 )
 from gateway.upstream import Outcome, event_data
+
+__all__ = ["OVERHEAD_HEADER", "Exchange", "new_request_id"]
 
 OVERHEAD_HEADER = "x-triage-overhead-ms"
 _CHUNK_OBJECTS = {"chat": "chat.completion.chunk", "completions": "text_completion"}

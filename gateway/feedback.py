@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -23,20 +23,29 @@ from gateway.api.request import ParsedRequest
 from gateway.policy import FeedbackSettings
 from gateway.telemetry import RequestRecord
 
+__all__ = ["FeedbackLog"]
+
 
 class FeedbackLog:
     def __init__(self, settings: FeedbackSettings, sample: Callable[[], float] = random.random):
         self.settings = settings
         self._sample = sample
+        self._file: BinaryIO | None = None
+
+    def open(self) -> None:
+        """Open (or create) the file: when its policy starts, not when it is built, so a
+        reload rejected after building leaves no file open. Raises `OSError`."""
         # One unbuffered write() per row on an O_APPEND file: rows from several workers
         # never interleave, and a crash loses none. The file closes when the last request
         # of its policy is done with it (a reload does not cut off requests in flight).
-        fd = os.open(settings.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(self.settings.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._file = os.fdopen(fd, "ab", buffering=0)
 
     def write(self, parsed: ParsedRequest, record: RequestRecord) -> None:
-        """Log one request that a tier answered (or the cache, for that tier)."""
-        if record.tier is None or self._sample() >= self.settings.sample_rate:
+        """Log one request that a tier answered (or the cache, for that tier); nothing
+        before `open`."""
+        file = self._file
+        if file is None or record.tier is None or self._sample() >= self.settings.sample_rate:
             return
         prompt = parsed.body.get("messages", parsed.body.get("prompt"))
         with_text = self.settings.prompts == "text"
@@ -59,7 +68,7 @@ class FeedbackLog:
             "completion_tokens": record.completion_tokens,
             "cost_usd": record.cost_usd,
         }
-        self._file.write(orjson.dumps(row) + b"\n")
+        file.write(orjson.dumps(row) + b"\n")
 
 
 def _last_user_text(prompt: object) -> str | None:

@@ -25,6 +25,42 @@ from gateway.api.schemas import RequestKind
 from gateway.backends import DEFAULTS, Backend, ServerKind
 from gateway.telemetry.settings import TelemetrySettings
 
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "ENDPOINTS",
+    "GENERATION",
+    "RESERVED_MODEL_NAMES",
+    "Auth",
+    "Breaker",
+    "Budgets",
+    "CacheSettings",
+    "FeedbackSettings",
+    "Hedging",
+    "Limits",
+    "ModelSpec",
+    "OnExhausted",
+    "Policy",
+    "PolicyError",
+    "Price",
+    "Retries",
+    "Routing",
+    "Rule",
+    "RuleCondition",
+    "Server",
+    "SimulatedPool",
+    "Slo",
+    "StoreSettings",
+    "Tenant",
+    "TenantBudget",
+    "Tier",
+    "TierCache",
+    "WindowBudget",
+    "hash_key",
+    "load_policy",
+    "parse_policy",
+    "resolve_classifier_path",
+]
+
 RESERVED_MODEL_NAMES = frozenset({"auto"})
 # What `auto` routes by difficulty: the endpoints whose requests carry a prompt to score.
 GENERATION: frozenset[RequestKind] = frozenset({"chat", "completions"})

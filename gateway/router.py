@@ -17,6 +17,16 @@ from gateway.api.schemas import UPSTREAM_PATHS, RequestKind
 from gateway.errors import NotFound
 from gateway.policy import ENDPOINTS, GENERATION, Policy
 
+__all__ = [
+    "AUTO",
+    "NOT_SERVED",
+    "TIER_HEADER",
+    "Decision",
+    "DifficultyScorer",
+    "RouteInput",
+    "Router",
+]
+
 AUTO = "auto"
 TIER_HEADER = "x-triage-tier"
 NOT_SERVED = "endpoint_not_served"  # the error code for a model or tier asked the wrong thing

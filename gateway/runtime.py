@@ -1,7 +1,11 @@
 """Everything built from one policy, swapped as a whole on reload.
 
 A request takes the current `Runtime` when it starts and keeps it to the end, so a
-reload never changes the rules under a request in flight.
+reload never changes the rules under a request in flight. Building one (`build_runtime`)
+starts nothing and opens no file, so a reload rejected for any reason leaves nothing
+behind; `Runtime.start` then opens the feedback log and starts polling the replicas.
+(Stores and simulated replicas are shared across reloads, keyed by their settings: a
+build may open one, as the first policy that names it.)
 """
 
 from __future__ import annotations
@@ -17,12 +21,23 @@ from gateway.cache.response_cache import ResponseCache
 from gateway.dispatch import Dispatcher, DispatchSettings, Sender, TierRules
 from gateway.feedback import FeedbackLog
 from gateway.policy import Policy, PolicyError, Price, StoreSettings, resolve_classifier_path
-from gateway.pools import HealthChecker, Pool, ReplicaSettings
-from gateway.replica_metrics import LoadScraper
+from gateway.poller import Poller
+from gateway.pools import Pool
+from gateway.replica import ReplicaSettings
 from gateway.router import DifficultyScorer, Router
 from gateway.simulated import SimulatedFleet
 from gateway.slo import LatencyTracker, SloTarget
 from gateway.store import Store, open_store
+
+__all__ = [
+    "Runtime",
+    "Stores",
+    "build_runtime",
+    "dispatch_settings",
+    "feedback_log",
+    "load_classifier",
+    "replica_settings",
+]
 
 
 class Stores:
@@ -47,13 +62,12 @@ class Runtime:
     policy: Policy
     router: Router
     pools: Mapping[str, Pool]
-    health: HealthChecker
+    poller: Poller
     auth: Authenticator
     cache: ResponseCache
     prices: Mapping[str, Price]  # per model
     tier_prices: Mapping[str, Price]  # per tier: what a reservation holds (`tier_price`)
     ledger: Ledger
-    scraper: LoadScraper
     dispatcher: Dispatcher
     feedback: FeedbackLog | None = None
 
@@ -64,9 +78,25 @@ class Runtime:
             for name, tier in self.policy.tiers.items()
         }
 
+    def start(self) -> None:
+        """Open the feedback log, then poll the replicas. Raises `PolicyError`, with nothing
+        started, when the log cannot be opened."""
+        feedback = self.feedback
+        if feedback is not None:
+            try:
+                feedback.open()
+            except OSError as exc:
+                path = feedback.settings.path
+                raise PolicyError(
+                    [f"routing.feedback.path: cannot open {path}: {exc.strerror}"]
+                ) from exc
+        # One tracker for the gateway's life: SLO counters go on across reloads.
+        dispatcher = self.dispatcher
+        dispatcher.tracker.retarget({t: r.target for t, r in dispatcher.settings.tiers.items()})
+        self.poller.start()
+
     async def close(self) -> None:
-        await self.health.stop()
-        await self.scraper.stop()
+        await self.poller.stop()
         await self.ledger.close()
 
 
@@ -79,6 +109,9 @@ async def build_runtime(
     tracker: LatencyTracker,
     previous: Runtime | None = None,
 ) -> Runtime:
+    # What can fail comes first: a rejected reload then starts no simulated replica.
+    scorer, thresholds = load_classifier(policy, base_dir)
+    feedback = feedback_log(policy, base_dir)
     simulated = await fleet.urls_for(policy)
     server = policy.server
     replicas = replica_settings(policy)
@@ -95,14 +128,8 @@ async def build_runtime(
         )
         for name, spec in policy.models.items()
     }
-    scorer, thresholds = load_classifier(policy, base_dir)
-    health = HealthChecker(pools.values(), policy.server.health_check_interval_s)
-    health.start()
-    scraper = LoadScraper(pools.values(), server.metrics_interval_s)
-    scraper.start()
+    poller = Poller(pools.values(), server.health_check_interval_s, server.metrics_interval_s)
     dispatch = dispatch_settings(policy)
-    # One tracker for the gateway's life: SLO counters go on across reloads.
-    tracker.retarget({name: rules.target for name, rules in dispatch.tiers.items()})
     dispatcher = Dispatcher(pools, sender, dispatch, tracker)
     store = stores.get(policy.store)
     await store.ping()  # connects early; on a cluster, loads the slot map
@@ -113,35 +140,22 @@ async def build_runtime(
     # A reload hands over settlements still queued for a store that was down.
     ledger = Ledger(store, policy, carry_over=previous.ledger if previous else None)
     auth = Authenticator(policy)
-    feedback = open_feedback_log(policy, base_dir)
     return Runtime(
-        policy,
-        router,
-        pools,
-        health,
-        auth,
-        cache,
-        prices,
-        tier_prices,
-        ledger,
-        scraper,
-        dispatcher,
+        policy, router, pools, poller, auth, cache, prices, tier_prices, ledger, dispatcher,
         feedback,
-    )
+    )  # fmt: skip
 
 
-def open_feedback_log(policy: Policy, base_dir: Path | None) -> FeedbackLog | None:
-    """The policy's feedback log, a relative path taken from the policy's directory."""
+def feedback_log(policy: Policy, base_dir: Path | None) -> FeedbackLog | None:
+    """The policy's feedback log (not open yet), a relative path taken from the policy's
+    directory."""
     settings = policy.routing.feedback
     if settings is None:
         return None
     path = Path(settings.path)
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
-    try:
-        return FeedbackLog(settings.model_copy(update={"path": str(path)}))
-    except OSError as exc:
-        raise PolicyError([f"routing.feedback.path: cannot open {path}: {exc.strerror}"]) from exc
+    return FeedbackLog(settings.model_copy(update={"path": str(path)}))
 
 
 def replica_settings(policy: Policy) -> ReplicaSettings:
@@ -188,12 +202,17 @@ def dispatch_settings(policy: Policy) -> DispatchSettings:
 def load_classifier(
     policy: Policy, base_dir: Path | None
 ) -> tuple[DifficultyScorer | None, dict[str, float]]:
+    """The policy's classifier and its thresholds; a file that cannot be loaded is a
+    `PolicyError` naming `routing.classifier` and the reason."""
     path = resolve_classifier_path(policy, base_dir)
     if path is None:
         return None, {}
-    from classifiers.model import load_model  # scikit-learn loads only when a policy asks
+    from classifiers.model import ModelLoadError, load_model  # scikit-learn loads on demand
 
-    model = load_model(path)
+    try:
+        model = load_model(path)
+    except ModelLoadError as exc:
+        raise PolicyError([f"routing.classifier: {exc}"]) from exc
     routing = policy.routing
     if routing.thresholds is not None:
         return model, dict(routing.thresholds)

@@ -8,16 +8,21 @@ each request (408), the shutdown deadline streams watch (in worker processes too
 status 0. It also tells each request when its connection is lost (`ConnectionLost`), which
 saves the request a task that would wait on `receive` for it. Requests the HTTP parser
 refuses get the API's JSON error (400, 413 or 505), not uvicorn's plain-text 400.
+
+The app's signals live here too: SIGHUP reloads the policy, and a worker that reloaded
+asks the supervisor of `--workers N` to replace every worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
+import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from types import FrameType
@@ -30,6 +35,16 @@ from uvicorn.supervisors import Multiprocess
 
 from gateway.api.disconnect import EXTENSION, ConnectionLost
 from gateway.shutdown import SHUTDOWN, stream_deadline
+
+__all__ = [
+    "SUPERVISOR_PID",
+    "ConnectionLimits",
+    "GuardedHttpToolsProtocol",
+    "handle_signals",
+    "restart_workers",
+    "serve",
+    "start_deadline_on_exit_signals",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +207,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             b"connection: close\r\n\r\n%s" % (status, reason, len(body), body)
         )
         self.transport.close()
+
+
+SUPERVISOR_PID = "TRIAGE_SUPERVISOR_PID"  # set by `triage serve --workers N` for its workers
+
+
+def handle_signals(reload: Callable[[], Awaitable[object]]) -> None:
+    """Wire an app into the signals of the server running it: SIGHUP calls `reload`, and
+    SIGTERM / SIGINT start the streams' shutdown deadline (`start_deadline_on_exit_signals`).
+    Called from the app's lifespan, on the server's loop; outside a uvicorn server (tests)
+    only SIGHUP is wired, where the loop allows it."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
+    start_deadline_on_exit_signals()
+
+
+def restart_workers() -> bool:
+    """Under `--workers N`, ask the supervisor (SIGHUP) to replace every worker, each new
+    one starting on the policy file as it is now; False when there is no supervisor."""
+    supervisor = os.environ.get(SUPERVISOR_PID)
+    if supervisor is None:
+        return False
+    os.kill(int(supervisor), signal.SIGHUP)
+    return True
 
 
 def start_deadline_on_exit_signals() -> None:

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 
+__all__ = ["INTERRUPTED", "SHUTDOWN", "ShutdownDeadline", "stream_deadline"]
+
 INTERRUPTED = "the gateway is shutting down"
 
 

@@ -13,6 +13,8 @@ from gateway.policy import Policy, SimulatedPool
 from gateway.sim.profile import SimProfile, profile_from_name
 from gateway.sim.server import RunningSim, start_sim_server
 
+__all__ = ["SimulatedFleet"]
+
 
 class SimulatedFleet:
     def __init__(self) -> None:

@@ -40,7 +40,8 @@ from gateway.api.request import ParsedRequest
 from gateway.api.schemas import RequestKind
 from gateway.backends import TokenizeApi
 from gateway.cache.entry import assemble_chunks
-from gateway.pools import Pool, Replica
+from gateway.pools import Pool
+from gateway.replica import Replica
 from gateway.upstream import event_data
 
 __all__ = [
@@ -284,7 +285,7 @@ def estimate(parsed: ParsedRequest, answer: Answer) -> Usage:
 
 
 def answer_from_events(kind: RequestKind, batches: Iterable[bytes]) -> Answer:
-    """The text and content deltas of the SSE events relayed (batches as `Upstream.relay`
+    """The text and content deltas of the SSE events relayed (batches as `Dispatched.relay`
     yields them); None for the texts if an event is not a JSON chunk."""
     chunks: list[dict[str, Any]] = []
     pieces = 0

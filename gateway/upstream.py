@@ -1,4 +1,5 @@
-"""One call to one replica over the shared aiohttp session: send, relay, read usage.
+"""One call to one replica over the shared aiohttp session: send, then hand back the
+response; and the OpenAI wire-format helpers the way back shares.
 
 aiohttp's exceptions are converted to `TriageError`s here and nowhere else.
 """
@@ -10,7 +11,7 @@ import contextlib
 import functools
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,6 @@ import aiohttp
 import orjson
 from aiohttp.payload import BytesPayload
 
-from gateway.api.errors import sse_error_event
 from gateway.errors import (
     TriageError,
     UpstreamError,
@@ -26,10 +26,27 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.pools import Pool, Replica
+from gateway.pools import Pool
+from gateway.replica import Replica
 
 if TYPE_CHECKING:
     from gateway.tokenize import UsageSource
+
+__all__ = [
+    "DONE_EVENT",
+    "ConnectFailed",
+    "ModelRename",
+    "Outcome",
+    "Upstream",
+    "UpstreamResponse",
+    "close_session",
+    "event_data",
+    "finish_reasons",
+    "iter_event_batches",
+    "model_rename",
+    "new_session",
+    "status_error",
+]
 
 DONE_EVENT = b"data: [DONE]\n\n"
 
@@ -71,10 +88,10 @@ class _ConvertedErrors:
     """aiohttp's exceptions within the block, raised as `TriageError`s. A class, not a
     `@contextmanager`: it wraps every send and read, and a generator costs more."""
 
-    __slots__ = ("replica",)
+    __slots__ = ("url",)
 
-    def __init__(self, replica: Replica) -> None:
-        self.replica = replica
+    def __init__(self, url: str) -> None:
+        self.url = url  # the replica's, for the message of a refused connection
 
     def __enter__(self) -> None:
         return None
@@ -85,16 +102,46 @@ class _ConvertedErrors:
         if exc is None:
             return
         if isinstance(exc, aiohttp.ClientConnectorError):
-            url = self.replica.url
-            raise ConnectFailed(f"Could not connect to a backend replica ({url}).") from exc
+            raise ConnectFailed(f"Could not connect to a backend replica ({self.url}).") from exc
         if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
             raise UpstreamTimeout("The backend replica did not answer in time.") from exc
         if isinstance(exc, aiohttp.ClientError):
             raise UpstreamError(f"The backend replica failed: {type(exc).__name__}.") from exc
 
 
+class UpstreamResponse:
+    """A replica's answer, its headers read with a 2xx status: the body read whole, or its
+    events as they arrive. Let go of it once: `release()` after a complete answer (the
+    connection is reused), `close()` after one cut short (the connection drops, so the
+    backend notices and stops generating). Opaque: nothing above dispatch sees aiohttp."""
+
+    __slots__ = ("_replica", "_response")
+
+    def __init__(self, response: aiohttp.ClientResponse, replica: Replica) -> None:
+        self._response = response
+        self._replica = replica
+
+    async def read(self) -> bytes:
+        """The whole body; the connection is released."""
+        try:
+            with _ConvertedErrors(self._replica.url):
+                return await self._response.read()
+        finally:
+            self._response.release()
+
+    def events(self) -> AsyncGenerator[bytes, None]:
+        """The SSE events in batches as they arrive (see `iter_event_batches`)."""
+        return iter_event_batches(self._response.content, self._replica.url)
+
+    def release(self) -> None:
+        self._response.release()
+
+    def close(self) -> None:
+        self._response.close()
+
+
 class Upstream:
-    """Sends requests to replicas; shares one connection pool across all of them."""
+    """Sends requests to replicas; owns the one connection pool shared by all of them."""
 
     def __init__(
         self, session: aiohttp.ClientSession, timeout_s: float, connect_timeout_s: float
@@ -102,111 +149,37 @@ class Upstream:
         self.session = session
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
 
+    @classmethod
+    def open(
+        cls, connections_per_replica: int, timeout_s: float, connect_timeout_s: float
+    ) -> Upstream:
+        """An upstream with its own session (see `new_session`); `close()` it when done."""
+        return cls(new_session(connections_per_replica), timeout_s, connect_timeout_s)
+
+    async def close(self) -> None:
+        await close_session(self.session)
+
     async def post(
         self, pool: Pool, replica: Replica, path: str, body: bytes, headers: Mapping[str, str]
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         """Send the request; return the response once its headers arrive with a 2xx status."""
         if pool.api_key:
             headers = {**headers, "authorization": f"Bearer {pool.api_key}"}
         # A payload made here, not by aiohttp's registry from the bytes, carries the
         # content type itself: ~2 µs less per send.
         data = BytesPayload(body, content_type="application/json")
-        with _ConvertedErrors(replica):
+        with _ConvertedErrors(replica.url):
             response = await self.session.post(
                 replica.url + path, data=data, headers=headers, timeout=self.timeout
             )
         if response.status >= 400:
             try:
-                with _ConvertedErrors(replica):
+                with _ConvertedErrors(replica.url):
                     payload = await response.read()
             finally:
                 response.close()
             raise status_error(response.status, payload, response.headers.get("retry-after"))
-        return response
-
-    async def read(
-        self,
-        replica: Replica,
-        response: aiohttp.ClientResponse,
-        outcome: Outcome,
-        model: str | None = None,
-    ) -> bytes:
-        """The whole JSON body, its `"model"` made `model` (the policy's name) if given."""
-        try:
-            with _ConvertedErrors(replica):
-                payload = await response.read()
-        finally:
-            response.release()
-        outcome.first_token_at = time.perf_counter()
-        try:
-            reply = orjson.loads(payload)
-            outcome.usage = reply.get("usage")
-        except (orjson.JSONDecodeError, AttributeError) as exc:
-            raise UpstreamError("The backend replica sent a response that is not JSON.") from exc
-        outcome.finish_reasons = finish_reasons(reply)
-        outcome.completed = True
-        answered = reply.get("model")
-        if model is not None and isinstance(answered, str) and answered != model:
-            rename = model_rename(answered, model)
-            if rename is not None:
-                payload = rename(payload)
-        return payload
-
-    async def events(
-        self, replica: Replica, response: aiohttp.ClientResponse
-    ) -> AsyncGenerator[bytes, None]:
-        """The response's SSE events in batches as they arrive, aiohttp's errors converted."""
-        with _ConvertedErrors(replica):
-            async for batch in iter_event_batches(response.content):
-                yield batch
-
-    async def relay(
-        self,
-        replica: Replica,
-        response: aiohttp.ClientResponse,
-        outcome: Outcome,
-        strip_usage_chunk: bool,
-        batches: AsyncIterator[bytes] | None = None,
-        rename: ModelRename | None = None,
-    ) -> AsyncGenerator[bytes, None]:
-        """Relay SSE events as they arrive, a batch at a time (see `iter_event_batches`;
-        from `batches` when given, which may hold some already read), the backend's model
-        name replaced by `rename`; end a failed stream with an error event."""
-        source = batches if batches is not None else iter_event_batches(response.content)
-        try:
-            with _ConvertedErrors(replica):
-                async for batch in source:
-                    if outcome.first_token_at is None:
-                        outcome.first_token_at = time.perf_counter()
-                        if rename is not None:
-                            rename = rename.narrowed(batch)
-                    if _needs_reading(batch):
-                        batch = _read_batch(batch, outcome, strip_usage_chunk)
-                    else:
-                        outcome.events += batch.count(b"\n\n")
-                    if strip_usage_chunk:
-                        # Usage was our request, not the client's: leave no trace of it.
-                        batch = batch.replace(b',"usage":null', b"")
-                    if rename is not None:
-                        batch = rename(batch)
-                    if batch:
-                        yield batch
-                    if outcome.completed:
-                        return
-            raise UpstreamError("The backend replica ended the stream before [DONE].")
-        except TriageError as error:
-            outcome.error = error
-            yield sse_error_event(error)
-        except orjson.JSONDecodeError:
-            outcome.error = UpstreamError("The backend replica sent an event that is not JSON.")
-            yield sse_error_event(outcome.error)
-        finally:
-            # close(), not release(): an unfinished stream must drop the connection so the
-            # backend notices and stops generating.
-            if outcome.completed:
-                response.release()
-            else:
-                response.close()
+        return UpstreamResponse(response, replica)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,66 +217,26 @@ def model_rename(served: str, model: str) -> ModelRename | None:
     return ModelRename(tuple(pairs.items()))
 
 
-# What makes an event more than a plain token chunk: the end of the stream, a usage report
-# (an object, where other chunks say null), a choice's finish (a string, where others say
-# null); compact JSON, or with a space after the colon as Python's json.dumps writes it.
-_TO_READ = (
-    b"[DONE]",
-    b'"usage":{',
-    b'"usage": {',
-    b'"finish_reason":"',
-    b'"finish_reason": "',
-)
-
-
-def _needs_reading(batch: bytes) -> bool:
-    """Most batches hold only token chunks: they pass through without being split or parsed."""
-    return any(marker in batch for marker in _TO_READ)
-
-
-def _read_batch(batch: bytes, outcome: Outcome, strip_usage_chunk: bool) -> bytes:
-    """Account for each event of a batch that needs it; what is left of it for the client."""
-    found = [at for marker in _TO_READ if (at := batch.find(marker)) >= 0]
-    cut = batch.rfind(b"\n\n", 0, min(found)) if found else -1
-    start = cut + 2 if cut >= 0 else 0  # where the first event that needs reading begins
-    plain = batch[:start]
-    outcome.events += plain.count(b"\n\n")
-    kept = [plain]
-    for event in batch[start:].split(b"\n\n")[:-1]:
-        data = event_data(event)
-        if data == b"[DONE]":
-            outcome.completed = True
-            kept.append(DONE_EVENT)
-            break  # nothing after it is relayed
-        outcome.events += 1
-        if data is not None and b'"finish_reason"' in data:
-            outcome.finish_reasons += finish_reasons(orjson.loads(data))
-        if data is not None and b'"usage"' in data:
-            chunk = orjson.loads(data)
-            if isinstance(chunk, dict) and chunk.get("usage"):
-                outcome.usage = chunk["usage"]
-                if strip_usage_chunk and not chunk.get("choices"):
-                    continue
-        kept.append(event + b"\n\n")
-    return b"".join(kept)
-
-
-async def iter_event_batches(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+async def iter_event_batches(
+    content: aiohttp.StreamReader, url: str = ""
+) -> AsyncGenerator[bytes, None]:
     """The complete SSE events of a byte stream, as they arrive: each item is all the events
-    one read completed, each ending in a blank line (CRLFs made LFs).
+    one read completed, each ending in a blank line (CRLFs made LFs); aiohttp's errors
+    converted (`url`: the replica's, for their messages).
 
     Events that arrive together leave together, in one write to the client instead of one
     each; no event ever waits for another.
     """
     buffer = b""
-    async for data in content.iter_any():
-        buffer += data
-        if b"\r" in buffer:
-            buffer = buffer.replace(b"\r\n", b"\n")
-        end = buffer.rfind(b"\n\n")
-        if end >= 0:
-            yield buffer[: end + 2]
-            buffer = buffer[end + 2 :]
+    with _ConvertedErrors(url):
+        async for data in content.iter_any():
+            buffer += data
+            if b"\r" in buffer:
+                buffer = buffer.replace(b"\r\n", b"\n")
+            end = buffer.rfind(b"\n\n")
+            if end >= 0:
+                yield buffer[: end + 2]
+                buffer = buffer[end + 2 :]
     if buffer.strip():
         yield buffer.strip(b"\n") + b"\n\n"
 

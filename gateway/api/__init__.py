@@ -1,1 +1,3 @@
 """OpenAI request and response shapes, error bodies and SSE helpers."""
+
+__all__: list[str] = []

@@ -15,6 +15,8 @@ from starlette.types import Receive, Scope
 
 from gateway.errors import ClientClosedRequest
 
+__all__ = ["EXTENSION", "ConnectionLost", "DisconnectWatch", "unless_client_leaves"]
+
 _T = TypeVar("_T")
 
 EXTENSION = "triage.connection_lost"

@@ -10,6 +10,8 @@ from starlette.responses import Response
 
 from gateway.errors import TriageError
 
+__all__ = ["error_payload", "error_response", "sse_error_event"]
+
 
 def error_payload(error: TriageError) -> dict[str, Any]:
     return {

@@ -11,6 +11,8 @@ from typing import Any
 from gateway import __version__
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
+__all__ = ["openapi_document"]
+
 _ERROR = {
     "type": "object",
     "required": ["error"],

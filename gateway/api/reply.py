@@ -6,6 +6,8 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from starlette.types import Receive, Scope, Send
 
+__all__ = ["EVENT_STREAM", "JSON", "Reply"]
+
 JSON = b"application/json"
 EVENT_STREAM = b"text/event-stream; charset=utf-8"
 

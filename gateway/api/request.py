@@ -13,6 +13,8 @@ from starlette.requests import Request
 from gateway.api.schemas import MAX_MESSAGES, SCHEMAS, RequestKind, describe_location
 from gateway.errors import BodyTooLarge, InvalidRequest
 
+__all__ = ["ParsedRequest", "read_request"]
+
 
 @dataclass(frozen=True, slots=True)
 class ParsedRequest:

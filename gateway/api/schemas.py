@@ -11,6 +11,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+__all__ = [
+    "MAX_MESSAGES",
+    "SCHEMAS",
+    "UPSTREAM_PATHS",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "ContentPart",
+    "EmbeddingRequest",
+    "RequestKind",
+    "StreamOptions",
+    "describe_location",
+]
+
 MAX_MESSAGES = 4096
 
 

@@ -4,7 +4,9 @@ Starlette's `StreamingResponse` only notices a disconnect on ASGI 2.4 servers wh
 next write fails, so a stalled backend would keep generating for a client that is gone.
 Here a disconnect watch (gateway/api/disconnect.py) cancels the relay at once, which
 closes the upstream connection: the backend sees the disconnect and frees its GPU slot.
-A stream still running at the shutdown deadline ends with an error event and `[DONE]`.
+A stream that fails (`events` raises a `TriageError`), or is still running at the shutdown
+deadline, ends with an error event and `[DONE]`: this is the one place a stream that has
+started reports an error.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.api.disconnect import DisconnectWatch
 from gateway.api.errors import sse_error_event
-from gateway.errors import UpstreamUnavailable
+from gateway.errors import TriageError, UpstreamUnavailable
 from gateway.shutdown import INTERRUPTED, SHUTDOWN
+
+__all__ = ["EventStreamResponse"]
 
 _SHUTTING_DOWN = UpstreamUnavailable(
     "The gateway is shutting down; retry the request.", code="shutting_down"
@@ -60,13 +64,16 @@ class EventStreamResponse:
                 if not ours or task.uncancel() > 0:
                     raise  # cancelled from outside: the server is tearing the request down
                 if not watch.client_left:
-                    last = sse_error_event(_SHUTTING_DOWN)
-                    await send({"type": "http.response.body", "body": last, "more_body": False})
+                    await _end_with(send, _SHUTTING_DOWN)
 
     async def _relay(self, send: Send) -> None:
         try:
-            async for event in self.events:
-                await send({"type": "http.response.body", "body": event, "more_body": True})
+            try:
+                async for event in self.events:
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+            except TriageError as error:
+                await _end_with(send, error)
+                return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the client went away mid-write; the disconnect watch sees it too
@@ -74,3 +81,9 @@ class EventStreamResponse:
             aclose = getattr(self.events, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+async def _end_with(send: Send, error: TriageError) -> None:
+    """End a stream that has started with `error`: an error event, then `[DONE]`."""
+    last = sse_error_event(error)
+    await send({"type": "http.response.body", "body": last, "more_body": False})

@@ -58,7 +58,7 @@ from gateway.errors import NotFound
 from gateway.policy import Policy, Price, Tenant
 from gateway.store import RedisStore, Store, StoreCommandError, StoreUnavailable
 
-__all__ = ["Headroom", "Hold", "Ledger", "Reservation"]
+__all__ = ["Headroom", "Hold", "Ledger", "Reservation", "logger"]
 
 logger = logging.getLogger("triage.budgets")
 

@@ -1,1 +1,3 @@
 """The exact response cache: plan (key, rules), entries, replay, single-flight lookup."""
+
+__all__: list[str] = []

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.slo import SloTarget
 from gateway.telemetry.logs import REQUEST_LOGGER, log_request
-from gateway.telemetry.metrics import Metrics, SloTarget
+from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.record import RequestRecord
 from gateway.telemetry.settings import TelemetrySettings
 from gateway.telemetry.tracing import build_tracing, trace_id_from_traceparent
@@ -66,9 +67,7 @@ class Telemetry:
         Only these follow a reload: the `telemetry:` settings themselves apply at start.
         """
         slos = {
-            name: SloTarget(
-                tier.slo.ttft_ms / 1000, tier.slo.e2e_ms / 1000, tier.slo.percentile / 100
-            )
+            name: SloTarget(tier.slo.ttft_ms / 1000, tier.slo.e2e_ms / 1000, tier.slo.percentile)
             for name, tier in policy.tiers.items()
             if tier.slo is not None
         }

@@ -36,12 +36,14 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from gateway.pools import EjectionReason, Pool
+from gateway.pools import Pool
+from gateway.replica import EjectionReason
+from gateway.slo import SloTarget
 from gateway.telemetry.buffered import BufferedCounter, BufferedHistogram
 from gateway.telemetry.record import RequestRecord
 from gateway.telemetry.tracing import OPERATION_NAMES
 
-__all__ = ["NONE", "OTHER", "Metrics", "SloTarget", "reset_multiprocess_dir"]
+__all__ = ["NONE", "OTHER", "Metrics", "reset_multiprocess_dir"]
 
 NONE = "none"  # label value where a request never got that far (no tier, no model)
 OTHER = "other"  # label value for a tenant the policy does not name
@@ -79,15 +81,6 @@ _REPLICA_EJECTIONS: _GaugeSpec = (
     ("model", "replica", "reason"),
 )
 _EJECTION_REASONS: tuple[str, ...] = get_args(EjectionReason)
-
-
-@dataclass(frozen=True, slots=True)
-class SloTarget:
-    """A tier's latency objective: `ratio` of its requests within both times."""
-
-    ttft_s: float
-    e2e_s: float
-    ratio: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,7 +468,7 @@ class _PolicyCollector(Collector):
             labels=("tier", "objective"),
         )
         for tier, slo in bound.slos.items():
-            ratio.add_metric((tier,), slo.ratio)
+            ratio.add_metric((tier,), slo.percentile / 100)
             objective.add_metric((tier, "ttft"), slo.ttft_s)
             objective.add_metric((tier, "e2e"), slo.e2e_s)
         yield ratio

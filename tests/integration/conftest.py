@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import yaml
 
@@ -19,6 +22,7 @@ from tests.support.redis import RedisServer
 
 SMALL, LARGE = "llama-3.1-8b-instruct", "llama-3.1-70b-instruct"
 TRIAGE = [sys.executable, "-m", "gateway.cli"]
+ERROR_FIELDS = {"message", "type", "param", "code"}  # an OpenAI error body, no more
 
 
 @dataclass
@@ -148,3 +152,58 @@ def sim_stats(sim: Service) -> dict[str, Any]:
     root = sim.url.removesuffix("/v1")
     stats: dict[str, Any] = httpx.get(root + "/admin/stats", timeout=5).json()
     return stats
+
+
+def metric(gateway: Service, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` on the gateway's /metrics whose labels include `labels`."""
+    text = httpx.get(gateway.url + "/metrics", timeout=5).text
+    total = 0.0
+    for found, value in re.findall(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", text, re.MULTILINE):
+        if all(f'{key}="{want}"' in found for key, want in labels.items()):
+            total += float(value)
+    return total
+
+
+def eventually(check: Callable[[], bool], seconds: float = 5.0) -> bool:
+    """Poll `check` until it holds or `seconds` pass; the last answer."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+def request_lines(gateway: Service, request_id: str) -> list[dict[str, Any]]:
+    """The gateway's request log lines for one request (waits for the line to be written)."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = []
+        for line in gateway.output().splitlines():
+            if line.startswith("{") and request_id in line:
+                entry = orjson.loads(line)
+                if entry.get("logger") == "triage.request":
+                    lines.append(entry)
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def request_line(gateway: Service, request_id: str) -> dict[str, Any]:
+    """The request's log line, once the gateway has written it (after the answer)."""
+    lines = request_lines(gateway, request_id)
+    if not lines:
+        raise AssertionError(f"no request log line for {request_id}")
+    return lines[0]
+
+
+def assert_openai_error(
+    response: httpx.Response, status: int, param: str | None = None
+) -> dict[str, Any]:
+    """The response is `status` with an OpenAI error body (and, if given, that `param`)."""
+    assert response.status_code == status, response.text[:500]
+    error: dict[str, Any] = response.json()["error"]
+    assert set(error) == ERROR_FIELDS
+    if param is not None:
+        assert error["param"] == param
+    return error

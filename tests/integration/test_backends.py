@@ -24,6 +24,7 @@ from tests.integration.conftest import (
     TRIAGE,
     Service,
     policy_for,
+    request_line,
     start_gateway,
     start_service,
 )
@@ -87,18 +88,6 @@ def kind(
             service.stop()
 
 
-def _request_line(gateway: Service, request_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        for line in gateway.output().splitlines():
-            if line.startswith("{") and request_id in line:
-                entry: dict[str, Any] = orjson.loads(line)
-                if entry.get("logger") == "triage.request":
-                    return entry
-        time.sleep(0.05)
-    raise AssertionError(f"no request log line for {request_id}")
-
-
 def _stream_chunks(response: httpx.Response) -> list[dict[str, Any]]:
     lines = [line for line in response.text.split("\n\n") if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]", lines[-3:]
@@ -152,7 +141,7 @@ def test_the_request_log_counts_the_backends_usage(kind: Kind) -> None:
     response = kind.post({**CHAT, "model": "cheap", "max_tokens": 6})
     assert response.status_code == 200
     usage = response.json()["usage"]
-    line = _request_line(kind.gateway, response.headers["x-triage-request-id"])
+    line = request_line(kind.gateway, response.headers["x-triage-request-id"])
     assert (line["prompt_tokens"], line["completion_tokens"]) == (
         usage["prompt_tokens"],
         usage["completion_tokens"],
@@ -169,7 +158,7 @@ def test_a_stream_gets_the_usage_chunk_it_asked_for(kind: Kind) -> None:
     usage = chunks[-1].get("usage")
     assert chunks[-1]["choices"] == [] and usage, chunks[-1]
     assert 0 < usage["completion_tokens"] <= 5
-    line = _request_line(kind.gateway, response.headers["x-triage-request-id"])
+    line = request_line(kind.gateway, response.headers["x-triage-request-id"])
     assert line["completion_tokens"] == usage["completion_tokens"]
     assert line["usage_source"] == ("backend" if kind.quirks.stream_usage else "tokenized")
 

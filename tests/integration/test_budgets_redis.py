@@ -431,6 +431,36 @@ async def test_fail_open_serves_through_a_restart_and_reconciles(
     await store.close()
 
 
+async def test_a_settle_queued_while_redis_was_down_is_replayed_in_the_background(
+    fresh_redis: RedisServer,
+) -> None:
+    """Nobody calls `flush`: the first store call that succeeds again starts the replay."""
+    loop = asyncio.get_running_loop()
+    store = fresh_target(fresh_redis).store(timeout_ms=50.0, breaker_reset_s=0.2)
+    policy = tenant_policy("acme", {"limits": {"rpm": 100}, "budget": {"usd_per_day": 1.0}})
+    ledger = Ledger(store, policy)
+    held = await reserve(ledger, "held", "acme")
+    fresh_redis.kill()
+    await ledger.settle(held, prompt_tokens=100, completion_tokens=100)  # never raises
+    assert ledger.pending == 1
+    fresh_redis.start()  # an empty Redis: the settle records the cost in the held window
+    deadline = loop.time() + 10.0
+    while True:  # a request comes in; the breaker lets one through after 0.2 s
+        try:
+            await reserve(ledger, f"after-{uuid.uuid4().hex[:6]}", "acme")
+            break
+        except BudgetStoreUnavailable:
+            assert loop.time() < deadline, "Redis did not answer again"
+            await asyncio.sleep(0.05)
+    while ledger.pending and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert ledger.pending == 0
+    usage = await ledger.usage("acme")
+    assert usage["budgets"][0]["spent_usd"] == pytest.approx(cost_nano(PRICE, 100, 100) / 1e9)
+    assert usage["pending_settlements"] == 0
+    await store.close()
+
+
 # --- Lua and Python agree -----------------------------------------------------------------
 
 

@@ -109,13 +109,24 @@ async def test_entry_written_by_one_gateway_is_a_hit_on_the_other(
 
 
 async def test_failed_leader_on_one_gateway_frees_the_other(
-    gateways: list[ResponseCache],
+    gateways: list[ResponseCache], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first, second = gateways
     leader = await first.lookup(plan_for(first))
     assert leader.recorder.leader
+    # The second gateway found the lock taken: from then on it is waiting, not leading.
+    refused = asyncio.Event()
+    take_lock = second.store.set_if_absent
+
+    async def watched_take_lock(key: str, value: bytes, ttl_s: float) -> bool:
+        taken = await take_lock(key, value, ttl_s)
+        if not taken:
+            refused.set()
+        return taken
+
+    monkeypatch.setattr(second.store, "set_if_absent", watched_take_lock)
     waiter = asyncio.ensure_future(second.lookup(plan_for(second)))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(refused.wait(), 5.0)
     assert not waiter.done()
     started = time.perf_counter()
     await leader.recorder.abandon()

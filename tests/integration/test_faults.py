@@ -10,11 +10,10 @@ reservation still held, nothing counted in flight, and the next request served n
 from __future__ import annotations
 
 import concurrent.futures
-import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,9 @@ from tests.integration.conftest import (
     Service,
     Services,
     SimPair,
+    assert_openai_error,
+    eventually,
+    metric,
     policy_for,
     set_faults,
     sim_stats,
@@ -107,13 +109,6 @@ def stream_lines(response: httpx.Response) -> list[str]:
     return [line for line in response.text.splitlines() if line]
 
 
-def metric(gateway: Service, name: str) -> float:
-    """Sum of every sample of `name` (all label sets)."""
-    text = httpx.get(gateway.url + "/metrics", timeout=5).text
-    pattern = re.compile(rf"^{name}(?:{{[^}}]*}})? (\S+)$", re.MULTILINE)
-    return sum(float(value) for value in pattern.findall(text))
-
-
 def usage(gateway: Service) -> dict[str, Any]:
     headers = {"authorization": f"Bearer {ADMIN}"}
     response = httpx.get(gateway.url + f"/admin/tenants/{TENANT}/usage", headers=headers, timeout=5)
@@ -130,15 +125,6 @@ def held(gateway: Service) -> tuple[float, int]:
     return usd, counts
 
 
-def eventually(check: Callable[[], bool], seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
-
-
 def assert_settled(gateway: Service) -> None:
     """Nothing in flight, no reservation held, no settlement waiting for the store."""
     assert eventually(lambda: metric(gateway, "triage_requests_in_flight") == 0)
@@ -150,13 +136,6 @@ def assert_settled(gateway: Service) -> None:
 def entry_keys(prefix: str, body: dict[str, Any]) -> list[str]:
     key = prefix + cache_key(TENANT, SMALL, "chat", body)
     return [key, key + ":lock"]
-
-
-def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text[:300]
-    error: dict[str, Any] = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    return error
 
 
 # --- each backend fault leaves nothing behind -------------------------------------------------

@@ -28,6 +28,7 @@ from schemathesis import checks as st_checks
 from gateway.api.schemas import MAX_MESSAGES
 from gateway.policy import hash_key
 from tests.integration.conftest import (
+    ERROR_FIELDS,
     LARGE,
     SMALL,
     Service,
@@ -43,7 +44,6 @@ pytestmark = pytest.mark.integration
 # costs a 400 from the backend, not minutes of generation.
 MAX_MODEL_LEN = "512"
 MODEL_NAMES = ["auto", "cheap", "large", SMALL, LARGE]
-ERROR_FIELDS = {"message", "type", "param", "code"}
 
 # The fuzz gateway gives a client 1 s to send a request; a slow one is cut off within this.
 CLIENT_TIMEOUT_S = 1

@@ -20,9 +20,8 @@ import orjson
 import pytest
 
 from gateway.api.schemas import MAX_MESSAGES
-from tests.integration.conftest import Service
+from tests.integration.conftest import ERROR_FIELDS, Service, assert_openai_error
 from tests.integration.test_fuzz import (
-    ERROR_FIELDS,
     SLOW_CLIENT_BOUND_S,
     TIGHT_KEY,
     start_fuzz_gateway,
@@ -51,14 +50,6 @@ def chat_body(**extra: Any) -> dict[str, Any]:
         "max_tokens": 2,
         **extra,
     }
-
-
-def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> None:
-    assert response.status_code == status, response.text[:500]
-    error = response.json()["error"]
-    assert set(error) == ERROR_FIELDS
-    if param is not None:
-        assert error["param"] == param
 
 
 def test_message_count_limit(gateway: Service) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,8 @@ from tests.integration.conftest import (
     TRIAGE,
     Service,
     Services,
+    eventually,
+    metric,
     policy_for,
     sim_stats,
     start_gateway,
@@ -82,25 +83,6 @@ def ready(gateway: Service) -> tuple[int, Any]:
     return response.status_code, response.json()
 
 
-def eventually(check: Callable[[], bool], seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
-
-
-def metric(gateway: Service, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
-    text = httpx.get(gateway.url + "/metrics", timeout=5).text
-    total = 0.0
-    for found, value in re.findall(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", text, re.MULTILINE):
-        if all(f'{key}="{want}"' in found for key, want in labels.items()):
-            total += float(value)
-    return total
-
-
 def test_replicas_without_a_health_endpoint_keep_serving(gateway: Service) -> None:
     """Their probe gets 404: "no health endpoint", not "down". Before, every probe ejected
     them and most requests were 503 `no_healthy_replica`."""
@@ -149,7 +131,7 @@ def test_a_replica_nothing_listens_on_is_ejected_logged_and_counted(
     )
     gateway = services(start_gateway(log_dir, policy))
     pattern = rf"replica {re.escape(dead)} \(model {SMALL}\) ejected: connection refused"
-    assert eventually(lambda: re.search(pattern, gateway.output()) is not None)
+    assert eventually(lambda: re.search(pattern, gateway.output()) is not None, seconds=10)
     for _ in range(20):
         response = send(gateway, chat())
         assert response.status_code == 200, response.text

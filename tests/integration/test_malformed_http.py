@@ -13,11 +13,9 @@ import httpx
 import orjson
 import pytest
 
-from tests.integration.conftest import Service, policy_for, start_gateway, start_sim
+from tests.integration.conftest import ERROR_FIELDS, Service, policy_for, start_gateway, start_sim
 
 pytestmark = pytest.mark.integration
-
-ERROR_FIELDS = {"message", "type", "param", "code"}
 CHAT = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
 BODY = b'{"model":"cheap","messages":[{"role":"user","content":"hi"}],"max_tokens":2}'
 

@@ -90,6 +90,40 @@ def test_reload_applies_new_policy_and_rejects_invalid_one(
     assert "policy reload rejected" in gateway.output()
 
 
+def test_a_reload_that_fails_on_a_file_says_why_and_keeps_the_old_policy(
+    tmp_path: Path,
+    log_dir: Path,
+    services: Callable[[Service], Service],
+    sim: tuple[Service, Service],
+) -> None:
+    """A corrupt classifier file or a feedback path that cannot be opened: a 400 with the
+    reason, not a 500, and the old policy goes on serving."""
+    gateway = services(start_gateway(log_dir, make_policy(sim, "cheap")))
+    model = tmp_path / "classifier"
+    model.mkdir()
+    (model / "model.json").write_text("{not json")
+    corrupt = make_policy(sim, "large")
+    corrupt["routing"] |= {"classifier": str(model), "strong_fraction": 0.5}
+    write(gateway, corrupt)
+    response = reload(gateway)
+    assert response.status_code == 400
+    (error,) = response.json()["errors"]
+    assert error.startswith(f"routing.classifier: {model / 'model.json'}: corrupted model file")
+    assert tier_of_next_request(gateway) == "cheap"
+
+    unwritable = make_policy(sim, "large")
+    missing = tmp_path / "no-such-dir" / "feedback.jsonl"
+    unwritable["routing"]["feedback"] = {"path": str(missing)}
+    write(gateway, unwritable)
+    response = reload(gateway)
+    assert response.status_code == 400
+    assert response.json()["errors"] == [
+        f"routing.feedback.path: cannot open {missing}: No such file or directory"
+    ]
+    assert tier_of_next_request(gateway) == "cheap"
+    assert gateway.output().count("policy reload rejected") == 2
+
+
 def test_sighup_reloads(
     log_dir: Path, services: Callable[[Service], Service], sim: tuple[Service, Service]
 ) -> None:

@@ -27,7 +27,7 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(
         "balancer" not in Server.model_fields,
-        reason="needs the SLO policy fields and dispatcher wiring (see gateway/dispatch.py)",
+        reason="needs the SLO policy fields and dispatcher wiring (see gateway/dispatch/)",
     ),
 ]
 

@@ -26,6 +26,7 @@ from tests.integration.conftest import (
     Service,
     Services,
     policy_for,
+    request_lines,
     set_faults,
     start_gateway,
     start_sim,
@@ -182,21 +183,6 @@ def settled(
 def cost(usage: dict[str, Any], price: tuple[float, float] = SMALL_PRICE) -> float:
     prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
     return (prompt * price[0] + completion * price[1]) / 1e6
-
-
-def request_lines(gateway: Service, request_id: str) -> list[dict[str, Any]]:
-    """The gateway's request log lines for one request (waits for the line to be written)."""
-    deadline = time.monotonic() + 5
-    while True:
-        lines = []
-        for line in gateway.output().splitlines():
-            if line.startswith("{") and request_id in line:
-                entry = orjson.loads(line)
-                if entry.get("logger") == "triage.request":
-                    lines.append(entry)
-        if lines or time.monotonic() > deadline:
-            return lines
-        time.sleep(0.05)
 
 
 # --- trace context -------------------------------------------------------------------------

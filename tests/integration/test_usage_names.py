@@ -19,7 +19,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.tokenize import render_chat, template_tokens
-from tests.integration.conftest import Service, Services, start_gateway, start_service
+from tests.integration.conftest import (
+    Service,
+    Services,
+    request_line,
+    start_gateway,
+    start_service,
+)
 from tests.support.fake_llama_cpp_python import count_tokens
 from tests.support.processes import free_port
 
@@ -87,19 +93,6 @@ def stream(gateway: Service, **body: Any) -> tuple[httpx.Headers, list[bytes]]:
         assert response.status_code == 200, response.read()
         data = [line[6:].encode() for line in response.iter_lines() if line.startswith("data: ")]
         return response.headers, data
-
-
-def request_line(gateway: Service, request_id: str) -> dict[str, Any]:
-    """The request's log line, once the gateway has written it (after the answer)."""
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        for line in gateway.output().splitlines():
-            if line.startswith("{") and request_id in line:
-                entry: dict[str, Any] = orjson.loads(line)
-                if entry.get("logger") == "triage.request":
-                    return entry
-        time.sleep(0.05)
-    raise AssertionError(f"no request line for {request_id}")
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

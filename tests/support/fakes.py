@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-# What `Upstream.relay` needs of a replica: where it is, for error messages.
+# What `UpstreamResponse` needs of a replica: where it is, for error messages.
 REPLICA: Any = type("Replica", (), {"url": "http://replica"})()
 
 

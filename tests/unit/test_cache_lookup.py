@@ -28,7 +28,7 @@ def sse(payload: dict[str, Any]) -> bytes:
 
 
 def stream_events(text: str = "Hello") -> list[bytes]:
-    """What `upstream.relay` yields for a client that asked for usage."""
+    """What the answer's relay yields for a client that asked for usage."""
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -134,7 +134,7 @@ async def test_stream_that_failed_midway_is_never_stored() -> None:
     found = await cache.lookup(plan)
     for event in stream_events()[:2]:
         found.recorder.feed_event(event)
-    # how `upstream.relay` ends a failed stream: an error event, then [DONE]
+    # how a failed stream ends for the client: an error event, then [DONE]
     found.recorder.feed_event(sse_error_event(UpstreamError("backend died")))
     assert await found.recorder.commit() is False
     assert (await cache.lookup(plan)).status is CacheStatus.MISS
@@ -396,15 +396,22 @@ async def test_invalidate_reports_a_broken_store() -> None:
 
 
 async def relay_into(recorder: Any, body: bytes, strip_usage_chunk: bool) -> list[bytes]:
-    from gateway.upstream import Outcome, Upstream
+    from collections.abc import AsyncIterator
 
-    upstream = Upstream(None, 5, 1)  # type: ignore[arg-type]
+    from gateway.dispatch.answer import relay_events
+    from gateway.upstream import Outcome, UpstreamResponse
+    from tests.support.relay import client_sees
+
     outcome = Outcome()
-    relayed = []
     response: Any = FakeResponse(body)
-    async for event in upstream.relay(REPLICA, response, outcome, strip_usage_chunk):
-        recorder.feed_event(event)
-        relayed.append(event)
+    batches = UpstreamResponse(response, REPLICA).events()
+
+    async def recorded() -> AsyncIterator[bytes]:
+        async for event in relay_events(batches, outcome, strip_usage_chunk):
+            recorder.feed_event(event)
+            yield event
+
+    relayed = await client_sees(recorded())
     if outcome.completed and outcome.error is None:
         await recorder.commit(usage=outcome.usage)
     await recorder.abandon()

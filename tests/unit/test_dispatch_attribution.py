@@ -18,7 +18,8 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.pools import Pool, Replica
+from gateway.pools import Pool
+from gateway.replica import Replica
 from gateway.slo import SloTarget
 from gateway.upstream import status_error
 from tests.unit.test_dispatch import (

@@ -68,6 +68,7 @@ def test_requests_through_the_gateway_are_logged_without_prompt_text(tmp_path: P
 async def test_text_rows_judged_later_are_training_rows(tmp_path: Path) -> None:
     log = tmp_path / "f.jsonl"
     feedback = FeedbackLog(FeedbackSettings(path=str(log), prompts="text", source="prod"))
+    feedback.open()
     record = served(request_id="r1", decision_reason="classifier", difficulty=0.2)
     feedback.write(await parse(CHAT), record)
     (row,) = rows(log)
@@ -88,6 +89,7 @@ async def test_sample_rate(tmp_path: Path) -> None:
     draws = iter([0.1, 0.9, 0.4])
     settings = FeedbackSettings(path=str(log), sample_rate=0.5)
     feedback = FeedbackLog(settings, sample=lambda: next(draws))
+    feedback.open()
     record = served(request_id="r")
     parsed = await parse(CHAT)
     for _ in range(3):

@@ -10,11 +10,7 @@ import pytest
 from gateway.errors import InvalidRequest
 from gateway.slo import (
     Deadline,
-    Ewma,
     LatencyTracker,
-    LatencyWindow,
-    LoadCurve,
-    PeakEwma,
     RatioBudget,
     SloTarget,
     WaitingRoom,
@@ -93,78 +89,7 @@ def test_deadline() -> None:
     assert Deadline(0.0, TIER, math.inf).ttft_timeout_at == math.inf
 
 
-# --- estimators ----------------------------------------------------------------------
-
-
-def test_peak_ewma_takes_peaks_at_once_and_decays_back() -> None:
-    e = PeakEwma(decay_s=10.0)
-    e.observe(0.1, 0.0)
-    e.observe(1.0, 1.0)
-    assert e.value(1.0) == pytest.approx(1.0)
-    # Ten seconds idle (one decay constant) faded the peak to 1/e; the faster sample then
-    # counts 1 - 1/e.
-    e.observe(0.1, 11.0)
-    fade = math.exp(-1)
-    assert e.value(11.0) == pytest.approx(fade * fade + 0.1 * (1 - fade))
-
-
-def test_ewma_weighs_each_sample_at_least_a_tenth_and_fades_when_idle() -> None:
-    e = Ewma(decay_s=10.0, idle_s=10.0)
-    assert e.value(0.0) is None
-    e.observe(1.0, 0.0)
-    e.observe(2.0, 0.0)
-    assert e.value(0.0) == pytest.approx(1.1)
-    assert e.spread(0.0) == pytest.approx(0.09)  # |2 - 1.1| x 0.1
-    assert e.value(10.0) == pytest.approx(1.1)  # unless asked to, it does not fade
-    assert e.value(10.0, fade_after_s=0.0) == pytest.approx(1.1 * math.exp(-1))
-    assert e.value(15.0, fade_after_s=5.0) == pytest.approx(1.1 * math.exp(-1))
-    assert e.value(4.0, fade_after_s=5.0) == pytest.approx(1.1)
-    # The deviation fades with the estimate: an old outlier must not keep it high for good.
-    assert e.spread(10.0) == pytest.approx(0.09)
-    assert e.spread(15.0, fade_after_s=5.0) == pytest.approx(0.09 * math.exp(-1))
-    e.reset()
-    assert e.value(10.0) is None and e.spread(10.0) == 0.0
-
-
-def test_ewma_after_a_long_gap_follows_the_new_level() -> None:
-    e = Ewma(decay_s=10.0)
-    e.observe(1.0, 0.0)
-    e.observe(0.0, 30.0)  # a level that moved while nothing was measured
-    fade = math.exp(-3)
-    assert e.value(30.0) == pytest.approx(fade)
-    # Measured from the estimate the sample moved: a level shift is not taken for noise.
-    assert e.spread(30.0) == pytest.approx(fade * (1 - fade))
-    assert e.value(30.0) + e.spread(30.0) < 0.1  # type: ignore[operator]
-
-
-def test_itl_grows_with_the_batch() -> None:
-    curve = LoadCurve(decay_s=100.0)
-    assert curve.value(1, 0.0) is None
-    for batch in (1, 2, 4, 8, 1, 8):
-        curve.observe(batch, 0.010 + 0.001 * batch, 0.0)
-    assert curve.value(8, 0.0) == pytest.approx(0.018)
-    assert curve.value(2, 0.0) == pytest.approx(0.012)
-    assert curve.value(8, 300.0, fade_after_s=0.0) == pytest.approx(0.018 * math.exp(-1))
-    flat = LoadCurve(decay_s=100.0)
-    flat.observe(4, 0.02, 0.0)
-    flat.observe(4, 0.04, 0.0)
-    # One batch size: no slope to fit, the (weighted) mean it is.
-    assert flat.value(8, 0.0) == pytest.approx((0.02 * 0.97 + 0.04) / 1.97)
-    flat.reset()
-    assert flat.value(8, 0.0) is None
-
-
 # --- tracking --------------------------------------------------------------------------
-
-
-def test_window_percentiles_are_nearest_rank() -> None:
-    window = LatencyWindow(100)
-    assert window.percentiles(0.5) == (None,)
-    for value in range(1, 101):
-        window.add(float(value))
-    assert window.percentiles(0.5, 0.95, 0.99, 1.0) == (50.0, 95.0, 99.0, 100.0)
-    window.add(1000.0)  # the oldest sample leaves
-    assert len(window) == 100 and window.percentiles(0.0) == (2.0,)
 
 
 def test_tracker_attainment_and_percentiles() -> None:
@@ -274,8 +199,23 @@ async def test_may_go_only_without_more_important_waiters_for_the_same_pools() -
 
 
 async def test_wait_times_out() -> None:
+    loop = asyncio.get_running_loop()
     room = WaitingRoom()
     waiter = room.enter("standard", ["a"])
-    await room.wait(waiter, 0.01)
+    started = loop.time()
+    await room.wait(waiter, 0.05)
+    # It timed out (nobody woke it) and it is still in the room, waiting its turn.
+    assert loop.time() - started >= 0.04 and not waiter.woken.done()
+    assert len(room) == 1 and room.may_go(waiter)
     room.wake("a")
-    await room.wait(waiter, 0.01)  # a used wake-up does not end the next wait early
+    assert waiter.woken.done()
+    started = loop.time()
+    await room.wait(waiter, 0.05)  # a used wake-up does not end the next wait early
+    assert loop.time() - started >= 0.04 and not waiter.woken.done()
+    # A wake-up during a wait ends it at once, long before its timeout.
+    waiting = asyncio.ensure_future(room.wait(waiter, 60.0))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    room.wake("a")
+    await asyncio.wait_for(waiting, 5.0)
+    assert waiter.woken.done()

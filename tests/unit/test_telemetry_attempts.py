@@ -12,7 +12,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from gateway.dispatch import Dispatcher
-from gateway.pools import Pool, Replica
+from gateway.pools import Pool
+from gateway.replica import Replica
 from gateway.telemetry import RequestRecord, Telemetry, TelemetrySettings
 from gateway.telemetry.tracing import NOOP_TRACE
 from tests.unit.test_dispatch import (

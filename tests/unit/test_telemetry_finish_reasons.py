@@ -7,9 +7,11 @@ from typing import Any
 import orjson
 import pytest
 
+from gateway.dispatch.answer import read_answer, relay_events
 from gateway.telemetry import RequestRecord
-from gateway.upstream import Outcome, Upstream, finish_reasons
+from gateway.upstream import Outcome, UpstreamResponse, finish_reasons
 from tests.support.fakes import REPLICA, FakeResponse
+from tests.support.relay import client_sees
 
 
 def chunk(**fields: Any) -> bytes:
@@ -21,11 +23,11 @@ def choice(index: int, reason: str | None, content: str = "x") -> dict[str, Any]
 
 
 async def relay(events: list[bytes]) -> tuple[Outcome, list[bytes]]:
-    upstream = Upstream(None, 5, 1)  # type: ignore[arg-type]
     outcome = Outcome()
     body = b"".join(event + b"\n\n" for event in events)
     response: Any = FakeResponse(body)
-    relayed = [event async for event in upstream.relay(REPLICA, response, outcome, True)]
+    batches = UpstreamResponse(response, REPLICA).events()
+    relayed = await client_sees(relay_events(batches, outcome, True))
     return outcome, relayed
 
 
@@ -50,7 +52,6 @@ def test_finish_reasons_of_a_reply(reply: object, reasons: tuple[str, ...]) -> N
 
 
 async def test_read_takes_the_non_streamed_replys_reasons() -> None:
-    upstream = Upstream(None, 5, 1)  # type: ignore[arg-type]
     outcome = Outcome()
     body = orjson.dumps(
         {
@@ -59,7 +60,7 @@ async def test_read_takes_the_non_streamed_replys_reasons() -> None:
         }
     )
     response: Any = FakeResponse(body)
-    assert await upstream.read(REPLICA, response, outcome) == body
+    assert read_answer(await UpstreamResponse(response, REPLICA).read(), outcome) == body
     assert outcome.finish_reasons == ("length",)
 
 

@@ -7,8 +7,26 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.upstream import event_data, iter_event_batches, status_error
+from gateway.dispatch.answer import read_answer, relay_events
+from gateway.errors import UpstreamError
+from gateway.upstream import (
+    ModelRename,
+    Outcome,
+    UpstreamResponse,
+    event_data,
+    iter_event_batches,
+    status_error,
+)
 from tests.support.fakes import REPLICA, FakeContent, FakeResponse
+from tests.support.relay import client_sees
+
+
+async def relay(
+    response: Any, outcome: Outcome, strip: bool, rename: ModelRename | None = None
+) -> list[bytes]:
+    """What the client gets of `response`, relayed as `Dispatched.relay` does."""
+    events = UpstreamResponse(response, REPLICA).events()
+    return await client_sees(relay_events(events, outcome, strip, rename))
 
 
 async def batches(pieces: list[bytes]) -> list[bytes]:
@@ -90,8 +108,6 @@ def chunk(content: str | None, finish: str | None = None, usage: object = None) 
 
 @pytest.mark.parametrize("strip", [True, False], ids=["ours", "client's"])
 async def test_relay_accounts_for_every_event_of_a_batch(strip: bool) -> None:
-    from gateway.upstream import Outcome, Upstream
-
     usage = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
     body = (
         chunk("a")
@@ -103,9 +119,9 @@ async def test_relay_accounts_for_every_event_of_a_batch(strip: bool) -> None:
     )
     response: Any = FakeResponse(body, piece=None)
     outcome = Outcome()
-    upstream = Upstream(None, 5, 1)  # type: ignore[arg-type]
-    relayed = b"".join([b async for b in upstream.relay(REPLICA, response, outcome, strip)])
-    assert outcome.completed and response.released and not response.closed
+    relayed = b"".join(await relay(response, outcome, strip))
+    # The connection is let go by the answer's finish (see test_dispatch): not cut here.
+    assert outcome.completed and not response.closed
     assert outcome.usage == usage and outcome.finish_reasons == ("stop",)
     assert relayed.endswith(b"data: [DONE]\n\n") and b"after the end" not in relayed
     assert (b'"usage":null' in relayed) is not strip
@@ -113,23 +129,19 @@ async def test_relay_accounts_for_every_event_of_a_batch(strip: bool) -> None:
 
 
 async def test_relay_passes_plain_token_batches_through() -> None:
-    from gateway.upstream import Outcome, Upstream
-
     body = chunk("a") + chunk("b")  # no [DONE]: the stream was cut
     outcome = Outcome()
-    upstream = Upstream(None, 5, 1)  # type: ignore[arg-type]
     response: Any = FakeResponse(body, piece=None)
-    relayed = [b async for b in upstream.relay(REPLICA, response, outcome, True)]
+    relayed = await relay(response, outcome, True)
     assert relayed[0] == body.replace(b',"usage":null', b"")
     assert b'"error"' in relayed[1] and relayed[1].endswith(b"data: [DONE]\n\n")
+    assert isinstance(outcome.error, UpstreamError)
     assert outcome.events == 2 and not outcome.completed
 
 
 async def test_relay_reads_json_written_with_spaces() -> None:
     """Python's json.dumps (as some servers write) puts a space after each colon."""
     import json
-
-    from gateway.upstream import Outcome, Upstream
 
     def spaced(**chunk: Any) -> bytes:
         return b"data: " + json.dumps({"id": "c", **chunk}).encode() + b"\n\n"
@@ -143,9 +155,8 @@ async def test_relay_reads_json_written_with_spaces() -> None:
         + b"data: [DONE]\n\n"
     )
     outcome = Outcome()
-    upstream = Upstream(None, 5, 1)  # type: ignore[arg-type]
     response: Any = FakeResponse(body, piece=None)
-    relayed = b"".join([b async for b in upstream.relay(REPLICA, response, outcome, True)])
+    relayed = b"".join(await relay(response, outcome, True))
     assert outcome.completed and outcome.usage == usage
     assert outcome.finish_reasons == ("length",) and outcome.events == 3
     assert b'"completion_tokens"' not in relayed and relayed.endswith(b"data: [DONE]\n\n")
@@ -178,6 +189,7 @@ async def test_post_sends_the_body_as_json_with_the_given_headers_and_key() -> N
         response = await upstream.post(
             pool, pool.replicas[0], "/chat/completions", body, {"traceparent": "00-x"}
         )
+        assert isinstance(response, UpstreamResponse)  # nothing of aiohttp's leaves
         response.release()
     finally:
         await close_session(session)
@@ -237,19 +249,16 @@ def test_a_non_ascii_served_name_written_with_escapes_is_renamed() -> None:
 
 
 async def test_relay_renames_the_model_in_every_chunk() -> None:
-    from gateway.upstream import Outcome, Upstream, model_rename
+    from gateway.upstream import model_rename
 
     def named(content: str | None, finish: str | None = None) -> bytes:
         choices = [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]
         return b"data: " + orjson.dumps({"model": "srv", "choices": choices}) + b"\n\n"
 
     body = named("a") + named("b") + named("", "stop") + b"data: [DONE]\n\n"
-    upstream = Upstream(None, 5, 1)  # type: ignore[arg-type]
     response: Any = FakeResponse(body)  # events split across reads
     rename = model_rename("srv", "public")
-    relayed = b"".join(
-        [b async for b in upstream.relay(REPLICA, response, Outcome(), True, None, rename)]
-    )
+    relayed = b"".join(await relay(response, Outcome(), True, rename))
     chunks = [orjson.loads(e[6:]) for e in relayed.split(b"\n\n") if e.startswith(b"data: {")]
     assert [c["model"] for c in chunks] == ["public"] * 3
 
@@ -257,20 +266,17 @@ async def test_relay_renames_the_model_in_every_chunk() -> None:
 @pytest.mark.parametrize("answered", ["srv", "/models/tiny.gguf"])
 async def test_read_gives_a_json_answer_the_policy_name(answered: str) -> None:
     """Whatever name the backend answers with (its served name, a model path)."""
-    from gateway.upstream import Outcome, Upstream
-
     body = orjson.dumps({"model": answered, "choices": [], "usage": {"prompt_tokens": 1}})
-    upstream = Upstream(None, 5, 1)  # type: ignore[arg-type]
     response: Any = FakeResponse(body)
-    payload = await upstream.read(REPLICA, response, Outcome(), "public")
+    read = await UpstreamResponse(response, REPLICA).read()
+    assert response.released and not response.closed
+    payload = read_answer(read, Outcome(), "public")
     assert orjson.loads(payload)["model"] == "public"
-    unchanged = await upstream.read(REPLICA, FakeResponse(body), Outcome(), answered)  # type: ignore[arg-type]
+    unchanged = read_answer(body, Outcome(), answered)
     assert unchanged is body
 
 
 def test_usage_source_says_who_counted() -> None:
-    from gateway.upstream import Outcome
-
     assert Outcome().usage_source is None
     assert Outcome(usage={"prompt_tokens": 1}).usage_source == "backend"
     assert Outcome(usage={"prompt_tokens": 1}, counted="tokenized").usage_source == "tokenized"

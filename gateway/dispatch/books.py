@@ -1,0 +1,118 @@
+"""What each send and each answer teach the balancer and the SLO tracker.
+
+Shared by the race (a send failed), the dispatcher (a request got no answer) and the
+dispatched answer (it finished), so that none reaches into another's private state.
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateway.dispatch.job import OUTCOME, Attempt, Job, client_fault
+from gateway.errors import RateLimited, TriageError, UpstreamStatus
+from gateway.slo import LatencyTracker, WaitingRoom
+from gateway.upstream import ConnectFailed, Outcome
+
+__all__ = ["Books"]
+
+
+class Books:
+    """Frees replicas, wakes waiting requests and records outcomes; one per dispatcher."""
+
+    __slots__ = ("room", "tracker")
+
+    def __init__(self, room: WaitingRoom, tracker: LatencyTracker) -> None:
+        self.room = room
+        self.tracker = tracker
+
+    def attempt_failed(self, job: Job, attempt: Attempt, error: TriageError) -> bool:
+        """Account for a failed send; True when another replica may be tried.
+
+        A refused connection ejects the replica, and the request may go anywhere (nothing
+        reached the replica); so may one answered 503 (the replica did not start it). Any
+        other answered 5xx is the replica's answer to this very request, maybe the one
+        every replica gives to a malformed request (llama-cpp-python answers those with
+        500): it is tried once more, on another replica of the same pool, and never on
+        another tier; a second answered 5xx ends it. No answer (reset, timeout) counts
+        towards ejection, and the request may be retried anywhere, as before.
+        """
+        now = time.monotonic()
+        replica = attempt.replica
+        replica.end(attempt.probe, attempt.progress)
+        self.room.wake(attempt.pool)
+        attempt.span.set(OUTCOME, "failed")
+        attempt.span.end(error)
+        if isinstance(error, ConnectFailed):
+            replica.mark_down(now)
+            return True  # nothing reached the replica
+        if not isinstance(error, UpstreamStatus):
+            replica.failed(now)  # no answer: reset, timeout, a stream ended before it began
+            return job.rules.idempotent
+        if error.status_code < 500:
+            if error.status_code != 429:
+                return False  # the request's own fault: any replica would say the same
+            replica.throttle(now, error.retry_after or 1.0)
+            return True
+        replica.errored(now)
+        if error.status_code == 503:
+            return True  # the replica did not start it
+        if job.answered_in is not None:
+            return False  # failed the same way twice: it is the request, most likely
+        job.answered_in = (attempt.tier, attempt.pool)
+        return job.rules.idempotent
+
+    def answered(self, job: Job, attempt: Attempt, first_byte_at: float, outcome: Outcome) -> None:
+        """The winning send's answer is done with: free its replica, learn from it."""
+        now = time.monotonic()
+        replica = attempt.replica
+        replica.end(attempt.probe, attempt.progress)
+        self.room.wake(attempt.pool)
+        attempt.span.set(OUTCOME, _answer_outcome(outcome))
+        attempt.span.end(outcome=outcome)
+        fell_back = attempt.tier != job.tier
+        if outcome.error is not None:
+            if not client_fault(outcome.error):
+                # Cut short or garbled after a good start: the replica stopped answering.
+                replica.failed(now)
+                self.tracker.refused(
+                    job.tier, "failed", hedged=job.hedged, retries=job.retries, fell_back=fell_back
+                )
+            return
+        if not outcome.completed:
+            return  # the client went away: says nothing about the replica or the SLO
+        replica.succeeded(now)
+        if job.stream:
+            attempt.pool.observe_answer(now, attempt.progress.events)
+        self.tracker.answered(
+            job.tier,
+            target=job.deadline.target,
+            ttft_s=first_byte_at - job.deadline.started if job.stream else None,
+            e2e_s=now - job.deadline.started,
+            hedged=job.hedged,
+            retries=job.retries,
+            fell_back=fell_back,
+        )
+
+    def refused(self, job: Job, error: TriageError) -> None:
+        """Count a request that got no answer, and say on `error` where it failed: the send
+        that failed it, else the last one sent (a timeout), else, with nothing sent (shed,
+        no healthy replica), the routed tier and its first model."""
+        sent = job.last_sent
+        if sent is not None:
+            error.failed_at(sent.tier, sent.pool.model, sent.replica.url)
+        else:
+            error.failed_at(job.tier, job.options[0][1].model if job.options else None)
+        if client_fault(error):
+            return
+        if isinstance(error, RateLimited):
+            self.tracker.refused(job.tier, "shed")
+        elif error.code == "deadline_expired":
+            self.tracker.refused(job.tier, "expired")
+        else:
+            self.tracker.refused(job.tier, "failed", hedged=job.hedged, retries=job.retries)
+
+
+def _answer_outcome(outcome: Outcome) -> str:
+    if outcome.error is not None:
+        return "failed"
+    return "answered" if outcome.completed else "client_closed"
