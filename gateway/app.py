@@ -193,7 +193,7 @@ class Gateway:
         record: RequestRecord,
     ) -> Exchange:
         """Parse, authenticate and route: everything decided before any state is touched."""
-        parsed = await read_request(request, kind, runtime.policy.server.max_body_bytes)
+        parsed = await read_request(request, kind, runtime.policy.server.max_body_bytes, headers)
         record.requested(parsed)
         with record.trace.span("triage.auth"):
             caller = runtime.auth.authenticate(headers)
@@ -212,7 +212,8 @@ class Gateway:
         if parsed.kind == "embeddings" and parsed.model == AUTO:
             raise InvalidRequest("Embeddings need a model or tier name, not 'auto'.", param="model")
         tokens = parsed.estimated_prompt_tokens()
-        route = RouteInput(parsed.model, parsed.body, headers, tokens, parsed.kind)
+        tier = parsed.hints.tier
+        route = RouteInput(parsed.model, parsed.body, headers, tokens, parsed.kind, tier)
         decision = runtime.router.decide(route)
         allowed = decision.restricted_to(caller.may_use)
         if allowed is None:
@@ -272,8 +273,8 @@ class Gateway:
                         tier=tier,
                         price=runtime.tier_prices[tier],
                         prompt_tokens=parsed.estimated_prompt_tokens(),
-                        max_tokens=parsed.max_output_tokens(),
-                        choices=parsed.choices(),
+                        max_tokens=parsed.max_tokens,
+                        choices=parsed.choices,
                     )
                 except QuotaExceeded as exc:
                     if exc.on_exhausted == "reject" or decision.reason == "model":

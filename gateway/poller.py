@@ -96,9 +96,13 @@ class Poller:
                 await task
 
     async def _run(self) -> None:
-        async with httpx.AsyncClient(transport=self._transport) as client:
-            health = _Schedule(lambda: self.check_health(client), self.health_interval_s, False)
-            load = _Schedule(lambda: self.scrape_load(client), self.metrics_interval_s, True)
+        # A client (connection pool) each: probes that hang must not hold the load's slots.
+        async with (
+            httpx.AsyncClient(transport=self._transport) as probes,
+            httpx.AsyncClient(transport=self._transport) as scrapes,
+        ):
+            health = _Schedule(lambda: self.check_health(probes), self.health_interval_s, False)
+            load = _Schedule(lambda: self.scrape_load(scrapes), self.metrics_interval_s, True)
             schedules = (health, load)
             try:
                 while True:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gateway.api.hints import TIER_HEADER
 from gateway.api.schemas import UPSTREAM_PATHS, RequestKind
 from gateway.errors import NotFound
 from gateway.policy import ENDPOINTS, GENERATION, Policy
@@ -20,7 +21,6 @@ from gateway.policy import ENDPOINTS, GENERATION, Policy
 __all__ = [
     "AUTO",
     "NOT_SERVED",
-    "TIER_HEADER",
     "Decision",
     "DifficultyScorer",
     "RouteInput",
@@ -28,7 +28,6 @@ __all__ = [
 ]
 
 AUTO = "auto"
-TIER_HEADER = "x-triage-tier"
 NOT_SERVED = "endpoint_not_served"  # the error code for a model or tier asked the wrong thing
 
 
@@ -40,14 +39,16 @@ class DifficultyScorer(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class RouteInput:
-    """What routing may look at: the requested name, the body, headers, a prompt-size estimate,
-    and the endpoint it came to."""
+    """What routing may look at: the requested name, the body, headers (for the policy's
+    rules), a prompt-size estimate, the endpoint it came to, and the tier the client pinned
+    (`x-triage-tier`, as `gateway.api.hints` read it)."""
 
     model: str
     body: Mapping[str, Any]
     headers: Mapping[str, str]
     prompt_tokens: int
     kind: RequestKind = "chat"
+    tier: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +109,7 @@ class Router:
 
     def _route_auto(self, route: RouteInput) -> Decision:
         kind, served = route.kind, self.policy.tier_endpoints
-        pinned = route.headers.get(TIER_HEADER)
+        pinned = route.tier
         if pinned is not None:
             if pinned not in self.policy.tiers:
                 raise NotFound(

@@ -12,14 +12,10 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from gateway.errors import InvalidRequest
 from gateway.estimators import LatencyWindow
 
 __all__ = [
-    "E2E_HEADER",
     "PRIORITIES",
-    "PRIORITY_HEADER",
-    "TTFT_HEADER",
     "Deadline",
     "LatencyTracker",
     "Priority",
@@ -34,9 +30,6 @@ __all__ = [
 Priority = Literal["critical", "standard", "sheddable"]
 PRIORITIES: tuple[Priority, ...] = get_args(Priority)  # most important first
 _RANKS: dict[str, int] = {name: rank for rank, name in enumerate(PRIORITIES)}
-PRIORITY_HEADER = "x-triage-priority"
-TTFT_HEADER = "x-slo-ttft-ms"
-E2E_HEADER = "x-slo-e2e-ms"
 # Hedging waits for this many first-byte samples before trusting their p95.
 _MIN_HEDGE_SAMPLES = 20
 _HEDGE_DELAY_REFRESH = 8  # new first-byte samples before the hedge delay is recomputed
@@ -55,47 +48,27 @@ class SloTarget:
         return (ttft_s is None or ttft_s <= self.ttft_s), e2e_s <= self.e2e_s
 
 
-def request_priority(headers: Mapping[str, str], tenant_priority: Priority) -> Priority:
-    """The header's priority, which may lower the tenant's but never raise it."""
-    given = headers.get(PRIORITY_HEADER)
-    if given is None:
+def request_priority(tenant_priority: Priority, hint: Priority | None) -> Priority:
+    """The request's priority: its hint (`x-triage-priority`) may lower the tenant's, never
+    raise it."""
+    if hint is None:
         return tenant_priority
-    rank = _RANKS.get(given.strip().lower())
-    if rank is None:
-        raise InvalidRequest(
-            f"{PRIORITY_HEADER} must be one of {', '.join(PRIORITIES)}; got {given!r}.",
-            param=PRIORITY_HEADER,
-        )
-    return PRIORITIES[max(_RANKS[tenant_priority], rank)]
+    return PRIORITIES[max(_RANKS[tenant_priority], _RANKS[hint])]
 
 
-def request_target(target: SloTarget | None, headers: Mapping[str, str]) -> SloTarget | None:
-    """The tier's target tightened by `x-slo-ttft-ms` / `x-slo-e2e-ms` (never loosened)."""
-    ttft = _header_ms(headers, TTFT_HEADER)
-    e2e = _header_ms(headers, E2E_HEADER)
-    if ttft is None and e2e is None:
+def request_target(
+    target: SloTarget | None, ttft_s: float | None, e2e_s: float | None
+) -> SloTarget | None:
+    """The tier's target tightened by the request's own (`x-slo-ttft-ms`, `x-slo-e2e-ms`),
+    never loosened."""
+    if ttft_s is None and e2e_s is None:
         return target
     base = target or SloTarget(math.inf, math.inf)
     return SloTarget(
-        min(base.ttft_s, ttft if ttft is not None else math.inf),
-        min(base.e2e_s, e2e if e2e is not None else math.inf),
+        min(base.ttft_s, ttft_s if ttft_s is not None else math.inf),
+        min(base.e2e_s, e2e_s if e2e_s is not None else math.inf),
         base.percentile,
     )
-
-
-def _header_ms(headers: Mapping[str, str], name: str) -> float | None:
-    raw = headers.get(name)
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise InvalidRequest(
-            f"{name} must be a positive number of milliseconds; got {raw!r}.", param=name
-        )
-    return value / 1000
 
 
 @dataclass(frozen=True, slots=True)

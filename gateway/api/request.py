@@ -1,15 +1,20 @@
-"""Read one OpenAI request off the wire: size limit, JSON, shape; nothing else."""
+"""Read one OpenAI request off the wire: size limit, JSON, shape, the gateway's headers.
+
+Every value the gateway acts on is read here, once, so a bad one is a 400 before the
+request touches any state; the stages after take the typed values and never look again.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from pydantic import ValidationError
 from starlette.requests import Request
 
+from gateway.api.hints import NO_HINTS, RequestHints, read_hints
 from gateway.api.schemas import MAX_MESSAGES, SCHEMAS, RequestKind, describe_location
 from gateway.errors import BodyTooLarge, InvalidRequest
 
@@ -18,13 +23,26 @@ __all__ = ["ParsedRequest", "read_request"]
 
 @dataclass(frozen=True, slots=True)
 class ParsedRequest:
-    """A validated request. `body` is the client's JSON as sent; the gateway forwards it."""
+    """A validated request. `body` is the client's JSON as sent; the gateway forwards it.
+
+    `max_tokens` is the output limit per choice: `max_completion_tokens` where set, else
+    `max_tokens` (vLLM's rule and OpenAI's), 0 for embeddings, None when the client set
+    none. `choices` is how many completions the backend generates (`n`, `best_of`); each
+    may use `max_tokens`. Both are derived from the body once, as validated.
+    """
 
     kind: RequestKind
     body: Mapping[str, Any]
     model: str
     stream: bool
     client_wants_usage: bool
+    hints: RequestHints = NO_HINTS
+    max_tokens: int | None = field(init=False)
+    choices: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_tokens", _max_tokens(self.kind, self.body))
+        object.__setattr__(self, "choices", _choices(self.kind, self.body))
 
     def prompt_chars(self) -> int:
         """Characters of prompt text: a bounded, cheap stand-in for a token count."""
@@ -47,27 +65,12 @@ class ParsedRequest:
     def estimated_prompt_tokens(self) -> int:
         return self.prompt_chars() // 4 + 1
 
-    def max_output_tokens(self) -> int | None:
-        if self.kind == "embeddings":
-            return 0
-        value = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
-        return int(value) if value is not None else None
-
-    def choices(self) -> int:
-        """How many completions the backend generates: each may use `max_output_tokens`."""
-        if self.kind == "embeddings":
-            return 1
-        n = int(self.body.get("n") or 1)
-        if self.kind == "completions":
-            return max(n, int(self.body.get("best_of") or 1))
-        return n
-
     def upstream_body(self, model: str, max_tokens: int | None = None) -> bytes:
         """The client's body with `model` rewritten, usage asked for on streams, and a
         `max_tokens` cap when the budget reserved one the client did not set."""
         body = dict(self.body)
         body["model"] = model
-        if max_tokens is not None and self.max_output_tokens() is None:
+        if max_tokens is not None and self.max_tokens is None:
             body["max_tokens"] = max_tokens
         if self.stream and not self.client_wants_usage:
             options = dict(body.get("stream_options") or {})
@@ -76,7 +79,30 @@ class ParsedRequest:
         return orjson.dumps(body)
 
 
-async def read_request(request: Request, kind: RequestKind, max_body_bytes: int) -> ParsedRequest:
+def _max_tokens(kind: RequestKind, body: Mapping[str, Any]) -> int | None:
+    if kind == "embeddings":
+        return 0
+    limit: int | None = body.get("max_completion_tokens")
+    return body.get("max_tokens") if limit is None else limit
+
+
+def _choices(kind: RequestKind, body: Mapping[str, Any]) -> int:
+    if kind == "embeddings":
+        return 1
+    n: int = body.get("n") or 1
+    if kind == "completions":
+        return max(n, body.get("best_of") or 1)
+    return n
+
+
+async def read_request(
+    request: Request,
+    kind: RequestKind,
+    max_body_bytes: int,
+    headers: Mapping[str, str] | None = None,
+) -> ParsedRequest:
+    """The request, checked; `headers` (lower-case names, as `app.header_map` gives them)
+    are read for the gateway's own (`gateway.api.hints`)."""
     raw = await _read_body(request, max_body_bytes)
     try:
         body = orjson.loads(raw)
@@ -97,14 +123,15 @@ async def read_request(request: Request, kind: RequestKind, max_body_bytes: int)
         first = exc.errors(include_url=False)[0]
         param = describe_location(first["loc"])
         raise InvalidRequest(f"Invalid value for '{param}': {first['msg']}", param=param) from exc
-    stream = bool(body.get("stream", False))
-    options = body.get("stream_options") or {}
+    hints = NO_HINTS if headers is None else read_hints(headers)
+    options = body.get("stream_options")  # checked for generation; embeddings have none
     return ParsedRequest(
         kind=kind,
         body=body,
         model=body["model"],
-        stream=stream,
-        client_wants_usage=bool(options.get("include_usage")),
+        stream=body.get("stream") is True,
+        client_wants_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        hints=hints,
     )
 
 

@@ -1,13 +1,14 @@
 """OpenAI request shapes the gateway checks before anything is spent on a request.
 
-Only the fields the gateway reads are declared; everything else passes through to the
-backend untouched (`extra="allow"`). Strict mode: `"stream": "yes"` is an error, as it
-is for OpenAI, not a silent `True`.
+Declared: the fields the gateway reads, and OpenAI's sampling fields, held to their
+documented types and ranges. Everything else, vendor extensions (`top_k`, `min_tokens`)
+included, passes through to the backend unchecked (`extra="allow"`). Strict mode:
+`"stream": "yes"` is an error, as it is for OpenAI, not a silent `True`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,24 +47,44 @@ class StreamOptions(_Open):
     include_usage: bool | None = None
 
 
+_Penalty = Annotated[float, Field(ge=-2, le=2)]
+_Bias = Annotated[float, Field(ge=-100, le=100)]
+_StopList = Annotated[list[str], Field(max_length=4)]
+
+
 class _Generation(_Open):
+    """OpenAI's documented types and ranges: a backend may answer a value outside them
+    with a 500 (llama-cpp-python does), so it is the client's 400 here."""
+
     model: str = Field(min_length=1, max_length=256)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1, le=10_000_000)
+    # Chat's newer name; checked on completions too, where backends may honour it (the
+    # gateway does, see `ParsedRequest.max_tokens`).
+    max_completion_tokens: int | None = Field(None, ge=1, le=10_000_000)
     n: int | None = Field(None, ge=1, le=128)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = None
+    frequency_penalty: _Penalty | None = None
+    presence_penalty: _Penalty | None = None
+    stop: _StopList | str | None = None  # a list first: its errors are the telling ones
+    logit_bias: dict[str, _Bias] | None = None
+    user: str | None = None
 
 
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_completion_tokens: int | None = Field(None, ge=1, le=10_000_000)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(_Generation):
     prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=5)  # here a count, not a flag
+    echo: bool | None = None
 
 
 class EmbeddingRequest(_Open):

@@ -56,11 +56,9 @@ class Job:
 
     @property
     def max_tokens(self) -> int | None:
-        body = self.parsed.body
-        limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        if limit is None:
-            limit = self.max_tokens_cap
-        return limit if isinstance(limit, int) and limit > 0 else None
+        """The output limit the backend is sent: the client's, else the budget's cap."""
+        limit = self.parsed.max_tokens
+        return self.max_tokens_cap if limit is None else limit
 
     @property
     def explore(self) -> float:

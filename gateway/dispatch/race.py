@@ -82,8 +82,8 @@ class Dispatcher:
         `started` is when the request arrived (`time.monotonic()`); its deadlines count
         from then. `max_tokens_cap` is sent as `max_tokens` when the client set none.
         Each send (the first, retries, hedges) is a span of `trace`, and carries that
-        span's `traceparent` to the backend. Bad `x-slo-*` / `x-triage-priority` headers
-        raise `InvalidRequest`.
+        span's `traceparent` to the backend. The request's own SLO and priority come
+        with it (`parsed.hints`, read and checked at the edge).
         """
         now = time.monotonic()
         rules = self.settings.tiers.get(decision.tier, TierRules())
@@ -95,10 +95,10 @@ class Dispatcher:
             headers=forward_headers,
             deadline=Deadline(
                 now if started is None else started,
-                request_target(rules.target, client_headers),
+                request_target(rules.target, parsed.hints.ttft_s, parsed.hints.e2e_s),
                 self.settings.timeout_factor if slo else math.inf,
             ),
-            priority=request_priority(client_headers, tenant_priority),
+            priority=request_priority(tenant_priority, parsed.hints.priority),
             rules=rules,
             view=RequestView(decision.tier, parsed, session_key(client_headers, parsed.body)),
             max_tokens_cap=max_tokens_cap,

@@ -11,6 +11,7 @@ from typing import Any, Literal, cast
 
 import pytest
 
+from gateway.api.hints import read_hints
 from gateway.api.request import ParsedRequest
 from gateway.dispatch import SHED_CODES, Dispatched, Dispatcher, DispatchSettings, TierRules
 from gateway.errors import RateLimited, UpstreamStatus, UpstreamTimeout, UpstreamUnavailable
@@ -135,9 +136,11 @@ def make(
     return Dispatcher(pools, sender, DispatchSettings(balancer=balancer, tiers=tiers, **options))
 
 
-def parsed(stream: bool = True) -> ParsedRequest:
+def parsed(stream: bool = True, headers: Mapping[str, str] | None = None) -> ParsedRequest:
+    """The request as the edge reads it: its `x-triage-priority` / `x-slo-*` headers become
+    its hints (`gateway.api.hints`)."""
     body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
-    return ParsedRequest("chat", body, "auto", stream, False)
+    return ParsedRequest("chat", body, "auto", stream, False, read_hints(headers or {}))
 
 
 def replica_of(dispatcher: Dispatcher, name: str) -> Replica:
@@ -154,7 +157,7 @@ def slow(replica: Replica, seconds: float = 1.0) -> None:
 async def dispatch(
     dispatcher: Dispatcher, headers: Mapping[str, str] | None = None, stream: bool = True
 ) -> Dispatched:
-    return await dispatcher.dispatch(DECISION, parsed(stream), headers or {}, {})
+    return await dispatcher.dispatch(DECISION, parsed(stream, headers), headers or {}, {})
 
 
 async def drain(dispatched: Dispatched) -> list[bytes]:

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway.api.hints import read_hints
 from gateway.api.schemas import RequestKind
 from gateway.errors import NotFound
 from gateway.policy import Policy, load_policy, parse_policy
@@ -36,7 +37,8 @@ def decide(
     router: Router, model: str = "auto", headers: dict[str, str] | None = None, tokens: int = 10
 ) -> Decision:
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-    return router.decide(RouteInput(model, body, headers or {}, tokens))
+    headers = headers or {}
+    return router.decide(RouteInput(model, body, headers, tokens, tier=read_hints(headers).tier))
 
 
 def test_concrete_model_is_pinned_without_fallback(policy: Policy) -> None:
@@ -130,7 +132,8 @@ def ask(
     tokens: int = 10,
 ) -> Decision:
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-    return router.decide(RouteInput(model, body, headers or {}, tokens, kind))
+    headers = headers or {}
+    return router.decide(RouteInput(model, body, headers, tokens, kind, read_hints(headers).tier))
 
 
 def test_thresholds_skip_tiers_that_do_not_serve_chat(embed_last: Policy) -> None:

@@ -7,6 +7,7 @@ import orjson
 import pytest
 from starlette.requests import Request
 
+from gateway.api.hints import NO_HINTS, RequestHints
 from gateway.api.request import read_request
 from gateway.api.schemas import RequestKind
 from gateway.errors import BodyTooLarge, InvalidRequest
@@ -136,7 +137,7 @@ async def test_choices_counts_every_generated_completion(
 ) -> None:
     base = CHAT if kind == "chat" else {"model": "auto", "prompt": "hi"}
     parsed = await parse({**base, **extra}, kind)
-    assert parsed.choices() == choices
+    assert parsed.choices == choices
 
 
 async def test_too_many_messages_is_refused_before_validating_them() -> None:
@@ -161,3 +162,189 @@ async def test_a_body_in_chunks_is_read_whole_and_a_client_leaving_midway_is_ref
     scope = {"type": "http", "method": "POST", "headers": [], "path": "/"}
     with pytest.raises(InvalidRequest, match="disconnected"):
         await read_request(Request(scope, receive), "chat", 1 << 20)
+
+
+# --- every value the gateway acts on is read here, once ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra", "max_tokens"),
+    [
+        ("chat", {}, None),
+        ("chat", {"max_tokens": 7}, 7),
+        ("chat", {"max_completion_tokens": 5, "max_tokens": 7}, 5),  # the newer name wins
+        ("chat", {"max_completion_tokens": None, "max_tokens": 7}, 7),  # null is unset
+        ("completions", {"max_tokens": 3}, 3),
+        ("completions", {"max_completion_tokens": 4}, 4),
+        ("embeddings", {"max_tokens": 9}, 0),  # an embedding generates no tokens
+    ],
+)
+async def test_max_tokens_has_one_rule(
+    kind: RequestKind, extra: dict[str, Any], max_tokens: int | None
+) -> None:
+    base = {
+        "chat": CHAT,
+        "completions": {"model": "m", "prompt": "hi"},
+        "embeddings": {"model": "m", "input": "hi"},
+    }[kind]
+    parsed = await parse({**base, **extra}, kind)
+    assert parsed.max_tokens == max_tokens
+
+
+async def test_a_budget_cap_is_sent_only_when_the_client_set_no_limit() -> None:
+    unset = await parse(CHAT)
+    assert orjson.loads(unset.upstream_body("m", 64))["max_tokens"] == 64
+    limited = await parse({**CHAT, "max_completion_tokens": 5})
+    assert "max_tokens" not in orjson.loads(limited.upstream_body("m", 64))
+
+
+async def test_the_gateways_headers_come_with_the_request() -> None:
+    raw = orjson.dumps(CHAT)
+    headers = {"x-triage-priority": "sheddable", "x-slo-ttft-ms": "250", "x-triage-tier": "t"}
+    parsed = await read_request(request_with(raw), "chat", 1 << 20, headers)
+    assert parsed.hints == RequestHints("t", "sheddable", 0.25, None)
+    assert (await read_request(request_with(raw), "chat", 1 << 20, {})).hints is NO_HINTS
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "message"),
+    [
+        (
+            "x-triage-priority",
+            "urgent",
+            "x-triage-priority must be one of critical, standard, sheddable; got 'urgent'.",
+        ),
+        (
+            "x-slo-ttft-ms",
+            "soon",
+            "x-slo-ttft-ms must be a positive number of milliseconds; got 'soon'.",
+        ),
+        ("x-slo-e2e-ms", "-1", "x-slo-e2e-ms must be a positive number of milliseconds; got '-1'."),
+    ],
+)
+async def test_a_bad_header_is_a_400_naming_it(header: str, value: str, message: str) -> None:
+    raw = orjson.dumps(CHAT)
+    with pytest.raises(InvalidRequest) as caught:
+        await read_request(request_with(raw), "chat", 1 << 20, {header: value})
+    assert (caught.value.status_code, caught.value.param, caught.value.message) == (
+        400,
+        header,
+        message,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra", "param", "message"),
+    [
+        (
+            "chat",
+            {"frequency_penalty": 2.5},
+            "frequency_penalty",
+            "Invalid value for 'frequency_penalty': Input should be less than or equal to 2",
+        ),
+        (
+            "chat",
+            {"presence_penalty": "high"},
+            "presence_penalty",
+            "Invalid value for 'presence_penalty': Input should be a valid number",
+        ),
+        (
+            "chat",
+            {"presence_penalty": -2.01},
+            "presence_penalty",
+            "Invalid value for 'presence_penalty': Input should be greater than or equal to -2",
+        ),
+        (
+            "chat",
+            {"logprobs": 1},
+            "logprobs",
+            "Invalid value for 'logprobs': Input should be a valid boolean",
+        ),
+        (
+            "chat",
+            {"top_logprobs": 21},
+            "top_logprobs",
+            "Invalid value for 'top_logprobs': Input should be less than or equal to 20",
+        ),
+        (
+            "chat",
+            {"stop": ["a", "b", "c", "d", "e"]},
+            "stop",
+            "Invalid value for 'stop': List should have at most 4 items after validation, not 5",
+        ),
+        (
+            "chat",
+            {"stop": [1]},
+            "stop.0",
+            "Invalid value for 'stop.0': Input should be a valid string",
+        ),
+        ("chat", {"user": 7}, "user", "Invalid value for 'user': Input should be a valid string"),
+        (
+            "chat",
+            {"logit_bias": {"50256": "ban"}},
+            "logit_bias.50256",
+            "Invalid value for 'logit_bias.50256': Input should be a valid number",
+        ),
+        (
+            "chat",
+            {"logit_bias": {"50256": -101}},
+            "logit_bias.50256",
+            "Invalid value for 'logit_bias.50256': Input should be greater than or equal to -100",
+        ),
+        (
+            "chat",
+            {"max_completion_tokens": 0},
+            "max_completion_tokens",
+            "Invalid value for 'max_completion_tokens': Input should be greater than or equal to 1",
+        ),
+        (
+            "completions",
+            {"logprobs": 6},
+            "logprobs",
+            "Invalid value for 'logprobs': Input should be less than or equal to 5",
+        ),
+        (
+            "completions",
+            {"best_of": "5"},
+            "best_of",
+            "Invalid value for 'best_of': Input should be a valid integer",
+        ),
+        (
+            "completions",
+            {"max_completion_tokens": "9"},
+            "max_completion_tokens",
+            "Invalid value for 'max_completion_tokens': Input should be a valid integer",
+        ),
+    ],
+)
+async def test_sampling_fields_are_held_to_openais_types_and_ranges(
+    kind: RequestKind, extra: dict[str, Any], param: str, message: str
+) -> None:
+    base = CHAT if kind == "chat" else {"model": "m", "prompt": "hi"}
+    with pytest.raises(InvalidRequest) as caught:
+        await parse({**base, **extra}, kind)
+    assert (caught.value.status_code, caught.value.param, caught.value.message) == (
+        400,
+        param,
+        message,
+    )
+
+
+async def test_valid_sampling_fields_and_vendor_extensions_pass_through() -> None:
+    extra = {
+        "frequency_penalty": -2,
+        "presence_penalty": 1.5,
+        "logprobs": True,
+        "top_logprobs": 0,
+        "stop": ["\n", "END"],
+        "user": "u-1",
+        "logit_bias": {"50256": -100, "11": 2.5},
+        # Vendor extensions: the backend's to judge, whatever they hold.
+        "top_k": "forty",
+        "min_tokens": -3,
+        "repetition_penalty": [1],
+    }
+    parsed = await parse({**CHAT, **extra})
+    assert orjson.loads(parsed.upstream_body("m")) == {**CHAT, **extra, "model": "m"}
+    completion = {"model": "m", "prompt": "hi", "logprobs": 5, "echo": True, "stop": "x"}
+    assert (await parse(completion, "completions")).body == completion
