@@ -1,4 +1,9 @@
-"""The Starlette app: wires the stages together once, and the request path top to bottom."""
+"""The Starlette app: wires the stages together once, and the request path top to bottom.
+
+About 500 lines: `Gateway.generate` and its stages (docs/architecture.md maps them) read
+in order here, with the ASGI wiring around them (`GatewayApp`, `build_app`, the error
+handlers); admin routes live in `gateway.admin`, the server in `gateway.server`.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,9 @@ Exactness across replicas comes from doing every check-and-hold in one atomic st
 shared store (a Lua script on Redis, see `lua`): a request is admitted only if the settled
 spend plus everything held by live reservations plus its own worst case fits every limit.
 Settling swaps the hold for the real cost; a hold whose gateway died expires on its own.
+(~550 lines: reserve, settle and the replay queue for a store that was down share the
+reservation's state and its exactness argument; split apart, each half would need the other's
+invariants to be read.)
 
 A request touches at most two ledgers. The tenant's (its USD windows, its per-tier windows,
 rpm and tpm) is one script call on the tenant's hash tag. A tier's global budget spans
