@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
-from gateway import store as store_module
 from gateway.policy import StoreSettings
 from gateway.store import (
     EmbeddedStore,
@@ -23,6 +22,7 @@ from gateway.store import (
     StoreUnavailable,
     open_store,
 )
+from gateway.store.guard import LAG_ALLOWANCE_S
 from tests.support.redis import RedisCluster, RedisServer
 
 pytestmark = pytest.mark.integration
@@ -465,7 +465,7 @@ async def test_a_paused_redis_still_times_out_while_the_loop_is_busy(
 async def test_a_loop_blocked_past_the_allowance_is_not_a_redis_failure_either(
     fresh_redis: RedisServer,
 ) -> None:
-    block_s = store_module._LAG_ALLOWANCE_S + 0.2
+    block_s = LAG_ALLOWANCE_S + 0.2
     store = failing_store(fresh_redis)
     try:
         await store.eval(_COUNT, ["n"], [])

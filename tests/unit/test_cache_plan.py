@@ -16,7 +16,7 @@ from gateway.cache.plan import (
     make_plan,
 )
 from gateway.policy import CacheSettings, TierCache
-from gateway.store import _glob_regex
+from gateway.store.embedded import _glob_regex
 
 BODY: dict[str, Any] = {
     "model": "auto",

@@ -27,6 +27,14 @@ REEXPORTS = {
         "Sender",
         "TierRules",
     },
+    "gateway.store": {
+        "BreakerState",
+        "CircuitBreaker",
+        "EmbeddedStore",
+        "RedisStore",
+        "StoreCommandError",
+        "StoreUnavailable",
+    },
     "gateway.telemetry": {"RequestRecord", "Telemetry", "TelemetrySettings"},
 }
 # Importing these does the module's job (build the ASGI app from the environment): their

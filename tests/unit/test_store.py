@@ -6,7 +6,8 @@ import time
 import pytest
 
 from gateway.policy import StoreSettings
-from gateway.store import CircuitBreaker, EmbeddedStore, RedisStore, _LoopLag, open_store
+from gateway.store import CircuitBreaker, EmbeddedStore, RedisStore, open_store
+from gateway.store.guard import LoopLag
 
 
 class Clock:
@@ -98,7 +99,7 @@ def test_breaker_rejects_nonsense_settings() -> None:
 
 async def test_loop_lag_counts_a_blocked_loop_and_ticks_only_while_calls_wait() -> None:
     loop = asyncio.get_running_loop()
-    lag = _LoopLag(0.01)
+    lag = LoopLag(0.01)
     mark = lag.enter(loop)
     blocked = loop.create_future()
 
@@ -116,7 +117,7 @@ async def test_loop_lag_counts_a_blocked_loop_and_ticks_only_while_calls_wait() 
 
 
 def test_loop_lag_counts_overlapping_late_callbacks_once() -> None:
-    lag = _LoopLag(0.01)
+    lag = LoopLag(0.01)
     lag.late(1.0, 1.2)
     lag.late(1.1, 1.2)  # the same stall, seen by a second timer
     lag.late(1.15, 1.25)
