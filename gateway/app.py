@@ -45,7 +45,7 @@ from gateway.router import AUTO, Decision, RouteInput
 from gateway.runtime import Runtime, Stores, build_runtime
 from gateway.server import handle_signals
 from gateway.simulated import SimulatedFleet
-from gateway.slo import LatencyTracker
+from gateway.slo import FirstByteTracker
 from gateway.telemetry import RequestRecord, Telemetry
 from gateway.tokenize import Tokenizer
 from gateway.upstream import DONE_EVENT, Upstream, finish_reasons
@@ -64,7 +64,7 @@ class Gateway:
         self.policy_path = policy_path
         self.fleet = SimulatedFleet()
         self.stores = Stores()
-        self.slo = LatencyTracker({})  # SLO attainment and latency per tier, for /metrics
+        self.first_bytes = FirstByteTracker()  # hedge delays, kept across reloads
         self._runtime: Runtime | None = None
         self._upstream: Upstream | None = None
         self._reload_lock = asyncio.Lock()
@@ -105,7 +105,7 @@ class Gateway:
             self.fleet,
             self.stores,
             self.upstream,
-            self.slo,
+            self.first_bytes,
         )
         self.runtime.start()
         self.telemetry.bind(policy, self.runtime.pools)
@@ -138,7 +138,7 @@ class Gateway:
                     self.fleet,
                     self.stores,
                     self.upstream,
-                    self.slo,
+                    self.first_bytes,
                     self._runtime,
                 )
                 runtime.start()

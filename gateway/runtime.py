@@ -26,7 +26,7 @@ from gateway.pools import Pool
 from gateway.replica import ReplicaSettings
 from gateway.router import DifficultyScorer, Router
 from gateway.simulated import SimulatedFleet
-from gateway.slo import LatencyTracker, SloTarget
+from gateway.slo import FirstByteTracker, SloTarget
 from gateway.store import Store, open_store
 
 __all__ = [
@@ -90,9 +90,6 @@ class Runtime:
                 raise PolicyError(
                     [f"routing.feedback.path: cannot open {path}: {exc.strerror}"]
                 ) from exc
-        # One tracker for the gateway's life: SLO counters go on across reloads.
-        dispatcher = self.dispatcher
-        dispatcher.tracker.retarget({t: r.target for t, r in dispatcher.settings.tiers.items()})
         self.poller.start()
 
     async def close(self) -> None:
@@ -106,7 +103,7 @@ async def build_runtime(
     fleet: SimulatedFleet,
     stores: Stores,
     sender: Sender,
-    tracker: LatencyTracker,
+    tracker: FirstByteTracker,
     previous: Runtime | None = None,
 ) -> Runtime:
     # What can fail comes first: a rejected reload then starts no simulated replica.

@@ -1,4 +1,4 @@
-"""Latency objectives: per-request targets, deadlines, latency tracking, budgets, waiting room.
+"""Latency objectives: per-request targets, deadlines, hedge delays, budgets, waiting room.
 
 The estimators the balancer learns from live in `gateway.estimators`.
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 from gateway.estimators import LatencyWindow
@@ -17,11 +17,10 @@ from gateway.estimators import LatencyWindow
 __all__ = [
     "PRIORITIES",
     "Deadline",
-    "LatencyTracker",
+    "FirstByteTracker",
     "Priority",
     "RatioBudget",
     "SloTarget",
-    "TierSnapshot",
     "WaitingRoom",
     "request_priority",
     "request_target",
@@ -111,147 +110,16 @@ class Deadline:
         return (self.ttft_at - now) * headroom, (self.e2e_at - now) * headroom
 
 
-@dataclass(frozen=True, slots=True)
-class TierSnapshot:
-    """One tier's SLO record: counters since start, latency percentiles over recent requests.
+class FirstByteTracker:
+    """Each serving tier's recent time to first byte, streamed or not: when to hedge.
 
-    Requests are counted under the tier whose SLO they were held to (the tier the router
-    chose), even when a fallback tier served them. Clients that went away are not counted.
+    One for the gateway's life, so hedging does not start cold again after a reload.
     """
 
-    requests: int
-    met: int  # answered within both the TTFT and the e2e target
-    ttft_met: int
-    e2e_met: int
-    shed: int  # refused with 429: no tier could meet the SLO in time
-    expired: int  # refused with 503: the deadline passed while queued
-    failed: int  # upstream errors and timeouts
-    hedged: int
-    retried: int
-    fell_back: int  # served by a fallback tier
-    target: float | None  # share of requests that should meet the SLO (percentile / 100)
-    ttft_p50_s: float | None
-    ttft_p95_s: float | None
-    ttft_p99_s: float | None
-    e2e_p50_s: float | None
-    e2e_p95_s: float | None
-    e2e_p99_s: float | None
-
-    @property
-    def attainment(self) -> float | None:
-        """Share of requests that met both targets; None before the first request."""
-        return self.met / self.requests if self.requests else None
-
-
-_Refusal = Literal["shed", "expired", "failed"]
-
-
-@dataclass
-class _TierRecord:
-    window: int
-    target: float | None = None
-    requests: int = 0
-    met: int = 0
-    ttft_met: int = 0
-    e2e_met: int = 0
-    shed: int = 0
-    expired: int = 0
-    failed: int = 0
-    hedged: int = 0
-    retried: int = 0
-    fell_back: int = 0
-    ttft: LatencyWindow = field(init=False)
-    e2e: LatencyWindow = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.ttft = LatencyWindow(self.window)
-        self.e2e = LatencyWindow(self.window)
-
-    def snapshot(self) -> TierSnapshot:
-        ttft = self.ttft.percentiles(0.5, 0.95, 0.99)
-        e2e = self.e2e.percentiles(0.5, 0.95, 0.99)
-        return TierSnapshot(
-            self.requests, self.met, self.ttft_met, self.e2e_met, self.shed, self.expired,
-            self.failed, self.hedged, self.retried, self.fell_back, self.target,
-            *ttft, *e2e,
-        )  # fmt: skip
-
-
-class LatencyTracker:
-    """What each tier's requests experienced, and each tier's recent time to first byte."""
-
-    def __init__(self, targets: Mapping[str, SloTarget | None], window: int = 2048) -> None:
-        self._window = window
-        self._tiers = {name: self._record(t) for name, t in targets.items()}
-        # By serving tier, streamed or not: when to hedge. Short, so it follows load swings.
+    def __init__(self) -> None:
+        # Short windows, so the hedge delay follows load swings.
         self._first_byte: dict[tuple[str, bool], LatencyWindow] = {}
         self._hedge_delays: dict[tuple[str, bool], tuple[int, float | None]] = {}
-
-    def retarget(self, targets: Mapping[str, SloTarget | None]) -> None:
-        """A reloaded policy's tiers: counters of tiers it keeps go on, others go."""
-        self._tiers = {
-            name: self._tiers.get(name) or self._record(target) for name, target in targets.items()
-        }
-        for name, target in targets.items():
-            self._tiers[name].target = target.percentile / 100 if target else None
-
-    def _record(self, target: SloTarget | None) -> _TierRecord:
-        return _TierRecord(self._window, target.percentile / 100 if target else None)
-
-    def _tier(self, tier: str) -> _TierRecord:
-        record = self._tiers.get(tier)
-        if record is None:
-            record = self._tiers[tier] = self._record(None)
-        return record
-
-    def answered(
-        self,
-        tier: str,
-        *,
-        target: SloTarget | None,
-        ttft_s: float | None,
-        e2e_s: float,
-        hedged: bool = False,
-        retries: int = 0,
-        fell_back: bool = False,
-    ) -> None:
-        """A request that got its whole answer. `ttft_s` is None for non-streamed answers."""
-        record = self._tier(tier)
-        record.requests += 1
-        ttft_ok, e2e_ok = target.met(ttft_s, e2e_s) if target else (True, True)
-        record.ttft_met += ttft_ok
-        record.e2e_met += e2e_ok
-        record.met += ttft_ok and e2e_ok
-        if ttft_s is not None:
-            record.ttft.add(ttft_s)
-        record.e2e.add(e2e_s)
-        self._count(record, hedged, retries, fell_back)
-
-    def refused(
-        self,
-        tier: str,
-        reason: _Refusal,
-        *,
-        hedged: bool = False,
-        retries: int = 0,
-        fell_back: bool = False,
-    ) -> None:
-        """A request that got an error instead of an answer: it missed its SLO."""
-        record = self._tier(tier)
-        record.requests += 1
-        if reason == "shed":
-            record.shed += 1
-        elif reason == "expired":
-            record.expired += 1
-        else:
-            record.failed += 1
-        self._count(record, hedged, retries, fell_back)
-
-    @staticmethod
-    def _count(record: _TierRecord, hedged: bool, retries: int, fell_back: bool) -> None:
-        record.hedged += hedged
-        record.retried += retries
-        record.fell_back += fell_back
 
     def first_byte(self, tier: str, stream: bool, seconds: float) -> None:
         window = self._first_byte.get((tier, stream))
@@ -273,10 +141,6 @@ class LatencyTracker:
         delay = window.percentiles(0.95)[0]
         self._hedge_delays[key] = (window.added, delay)
         return delay
-
-    def snapshot(self) -> dict[str, TierSnapshot]:
-        """Per tier: SLO attainment, counters and p50/p95/p99 TTFT and e2e (seconds)."""
-        return {name: record.snapshot() for name, record in self._tiers.items()}
 
 
 class RatioBudget:

@@ -3,7 +3,7 @@ hedging, and the answer handed back.
 
 `settings` holds what the policy says, `admission` which tier takes a request now (or
 its wait, or refusal), `race` the sends (first, retries, hedges, abandon), `books` what
-each send and answer teach the balancer and the SLO tracker, and `answer` the dispatched
+each send and answer teach the balancer, and `answer` the dispatched
 answer that is read or relayed, then finished.
 """
 

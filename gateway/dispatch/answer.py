@@ -44,7 +44,7 @@ class Dispatched:
     """The replica that answered and its response, headers read (for streams, the first
     event too). Call `finish(outcome)` exactly once when the response is done with, even
     when it failed or the client left: it lets the connection go, frees the replica and
-    records the latency."""
+    tells the balancer how the answer went."""
 
     tier: str  # the tier that serves it: the routed tier or one of its fallbacks
     pool: Pool
@@ -144,7 +144,8 @@ class Dispatched:
 
     def finish(self, outcome: Outcome) -> None:
         """Let the connection go (kept for reuse after a complete answer, dropped after
-        one cut short, so the backend stops generating), free the replica, record."""
+        one cut short, so the backend stops generating), free the replica, tell the
+        balancer."""
         if self._finished:
             return
         self._finished = True
@@ -153,7 +154,7 @@ class Dispatched:
             response.release()
         else:
             response.close()
-        self._books.answered(self._job, self._attempt, self._started.first_byte_at, outcome)
+        self._books.answered(self._job, self._attempt, outcome)
 
 
 def read_answer(payload: bytes, outcome: Outcome, model: str | None = None) -> bytes:

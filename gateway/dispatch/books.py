@@ -1,4 +1,4 @@
-"""What each send and each answer teach the balancer and the SLO tracker.
+"""What each send and each answer teach the balancer.
 
 Shared by the race (a send failed), the dispatcher (a request got no answer) and the
 dispatched answer (it finished), so that none reaches into another's private state.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 
 from gateway.dispatch.job import OUTCOME, Attempt, Job, client_fault
-from gateway.errors import RateLimited, TriageError, UpstreamStatus
-from gateway.slo import LatencyTracker, WaitingRoom
+from gateway.errors import TriageError, UpstreamStatus
+from gateway.slo import WaitingRoom
 from gateway.upstream import ConnectFailed, Outcome
 
 __all__ = ["Books"]
@@ -19,11 +19,10 @@ __all__ = ["Books"]
 class Books:
     """Frees replicas, wakes waiting requests and records outcomes; one per dispatcher."""
 
-    __slots__ = ("room", "tracker")
+    __slots__ = ("room",)
 
-    def __init__(self, room: WaitingRoom, tracker: LatencyTracker) -> None:
+    def __init__(self, room: WaitingRoom) -> None:
         self.room = room
-        self.tracker = tracker
 
     def attempt_failed(self, job: Job, attempt: Attempt, error: TriageError) -> bool:
         """Account for a failed send; True when another replica may be tried.
@@ -61,7 +60,7 @@ class Books:
         job.answered_in = (attempt.tier, attempt.pool)
         return job.rules.idempotent
 
-    def answered(self, job: Job, attempt: Attempt, first_byte_at: float, outcome: Outcome) -> None:
+    def answered(self, job: Job, attempt: Attempt, outcome: Outcome) -> None:
         """The winning send's answer is done with: free its replica, learn from it."""
         now = time.monotonic()
         replica = attempt.replica
@@ -69,47 +68,27 @@ class Books:
         self.room.wake(attempt.pool)
         attempt.span.set(OUTCOME, _answer_outcome(outcome))
         attempt.span.end(outcome=outcome)
-        fell_back = attempt.tier != job.tier
         if outcome.error is not None:
             if not client_fault(outcome.error):
                 # Cut short or garbled after a good start: the replica stopped answering.
                 replica.failed(now)
-                self.tracker.refused(
-                    job.tier, "failed", hedged=job.hedged, retries=job.retries, fell_back=fell_back
-                )
             return
         if not outcome.completed:
-            return  # the client went away: says nothing about the replica or the SLO
+            return  # the client went away: says nothing about the replica
         replica.succeeded(now)
         if job.stream:
             attempt.pool.observe_answer(now, attempt.progress.events)
-        self.tracker.answered(
-            job.tier,
-            target=job.deadline.target,
-            ttft_s=first_byte_at - job.deadline.started if job.stream else None,
-            e2e_s=now - job.deadline.started,
-            hedged=job.hedged,
-            retries=job.retries,
-            fell_back=fell_back,
-        )
 
     def refused(self, job: Job, error: TriageError) -> None:
-        """Count a request that got no answer, and say on `error` where it failed: the send
-        that failed it, else the last one sent (a timeout), else, with nothing sent (shed,
-        no healthy replica), the routed tier and its first model."""
+        """Say on `error` where a request that got no answer failed: the send that failed
+        it, else the last one sent (a timeout), else, with nothing sent (shed, no healthy
+        replica), the routed tier and its first model. (Telemetry judges it against the
+        SLO from the request record.)"""
         sent = job.last_sent
         if sent is not None:
             error.failed_at(sent.tier, sent.pool.model, sent.replica.url)
         else:
             error.failed_at(job.tier, job.options[0][1].model if job.options else None)
-        if client_fault(error):
-            return
-        if isinstance(error, RateLimited):
-            self.tracker.refused(job.tier, "shed")
-        elif error.code == "deadline_expired":
-            self.tracker.refused(job.tier, "expired")
-        else:
-            self.tracker.refused(job.tier, "failed", hedged=job.hedged, retries=job.retries)
 
 
 def _answer_outcome(outcome: Outcome) -> str:

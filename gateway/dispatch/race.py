@@ -24,7 +24,7 @@ from gateway.request_view import RequestView, session_key
 from gateway.router import Decision
 from gateway.slo import (
     Deadline,
-    LatencyTracker,
+    FirstByteTracker,
     Priority,
     RatioBudget,
     WaitingRoom,
@@ -53,16 +53,15 @@ class Dispatcher:
         pools: Mapping[str, Pool],
         sender: Sender,
         settings: DispatchSettings,
-        tracker: LatencyTracker | None = None,
+        tracker: FirstByteTracker | None = None,
     ) -> None:
         self.pools = pools
         self.sender = sender
         self.settings = settings
-        targets = {name: rules.target for name, rules in settings.tiers.items()}
-        self.tracker = tracker if tracker is not None else LatencyTracker(targets)
+        self.tracker = tracker if tracker is not None else FirstByteTracker()
         self.room = WaitingRoom()
         self.admission = Admission(settings, self.room)
-        self.books = Books(self.room, self.tracker)
+        self.books = Books(self.room)
         self._retries = RatioBudget(settings.retry_ratio, settings.retry_floor_per_s)
         self._hedges = RatioBudget(settings.hedge_ratio, settings.hedge_floor_per_s)
 

@@ -9,6 +9,7 @@ stream or a body, a client that leaves mid-stream.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,7 +173,8 @@ async def test_a_json_answer_finishes_once_after_it_is_sent() -> None:
     assert orjson.loads(ended.sent[0])["usage"] == USAGE
     ended.assert_finished_once()
     assert ended.response.released
-    assert ended.dispatcher.tracker.snapshot()["cheap"].requests == 1
+    # The balancer learns of the answer once, as a success.
+    assert ended.dispatched.replica.answers(time.monotonic()) == (1, 0)
 
 
 async def test_a_stream_to_done_finishes_once() -> None:
@@ -219,6 +221,6 @@ async def test_a_client_that_leaves_mid_stream_finishes_once() -> None:
     assert b"[DONE]" not in b"".join(ended.sent)
     ended.assert_finished_once(settled=True)  # a token was generated: it is paid for
     assert ended.response.closed  # the backend sees the disconnect
-    # Says nothing about the replica or the SLO.
+    # Says nothing about the replica.
     assert ended.dispatched.replica.failures == 0
-    assert all(tier.requests == 0 for tier in ended.dispatcher.tracker.snapshot().values())
+    assert ended.dispatched.replica.answers(time.monotonic()) == (0, 0)

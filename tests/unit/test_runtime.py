@@ -36,7 +36,7 @@ async def test_building_starts_nothing_and_opens_nothing_start_does(tmp_path: Pa
         log = tmp_path / "feedback.jsonl"
         policy = load_policy(demo(tmp_path, feedback={"path": "feedback.jsonl"}))
         runtime = await build_runtime(
-            policy, tmp_path, gateway.fleet, gateway.stores, gateway.upstream, gateway.slo
+            policy, tmp_path, gateway.fleet, gateway.stores, gateway.upstream, gateway.first_bytes
         )
         assert not runtime.poller.running and polling() == 1  # the live runtime's alone
         assert not log.exists()

@@ -1,4 +1,4 @@
-"""Per-request targets and priorities, deadlines, latency tracking, budgets, the waiting room."""
+"""Per-request targets and priorities, deadlines, hedge delays, budgets, the waiting room."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from gateway.slo import (
     Deadline,
-    LatencyTracker,
+    FirstByteTracker,
     Priority,
     RatioBudget,
     SloTarget,
@@ -70,52 +70,29 @@ def test_deadline() -> None:
     assert Deadline(0.0, TIER, math.inf).ttft_timeout_at == math.inf
 
 
-# --- tracking --------------------------------------------------------------------------
-
-
-def test_tracker_attainment_and_percentiles() -> None:
-    tracker = LatencyTracker({"cheap": TIER, "large": None})
-    tracker.answered("cheap", target=TIER, ttft_s=0.1, e2e_s=1.0)
-    tracker.answered("cheap", target=TIER, ttft_s=0.9, e2e_s=1.0, hedged=True)
-    tracker.answered("cheap", target=TIER, ttft_s=None, e2e_s=6.0, retries=2, fell_back=True)
-    tracker.refused("cheap", "shed")
-    tracker.refused("cheap", "expired")
-    tracker.refused("cheap", "failed", retries=1)
-    cheap = tracker.snapshot()["cheap"]
-    assert (cheap.requests, cheap.met, cheap.ttft_met, cheap.e2e_met) == (6, 1, 2, 2)
-    assert (cheap.shed, cheap.expired, cheap.failed) == (1, 1, 1)
-    assert (cheap.hedged, cheap.retried, cheap.fell_back) == (1, 3, 1)
-    assert cheap.attainment == pytest.approx(1 / 6)
-    assert cheap.target == 0.99
-    assert (cheap.ttft_p50_s, cheap.ttft_p99_s) == (0.1, 0.9)
-    assert (cheap.e2e_p50_s, cheap.e2e_p95_s) == (1.0, 6.0)
-    large = tracker.snapshot()["large"]
-    assert large.requests == 0 and large.attainment is None and large.target is None
-
-
-def test_tracker_without_a_target_counts_every_answer_as_met() -> None:
-    tracker = LatencyTracker({})
-    tracker.answered("new", target=None, ttft_s=10.0, e2e_s=100.0)
-    assert tracker.snapshot()["new"].attainment == 1.0
-
-
-def test_retarget_keeps_the_counters_of_tiers_that_stay() -> None:
-    tracker = LatencyTracker({"cheap": TIER, "large": None})
-    tracker.answered("cheap", target=TIER, ttft_s=0.1, e2e_s=1.0)
-    tracker.retarget({"cheap": SloTarget(0.1, 1.0, 90), "new": None})
-    snapshot = tracker.snapshot()
-    assert set(snapshot) == {"cheap", "new"}
-    assert (snapshot["cheap"].requests, snapshot["cheap"].target) == (1, 0.9)
+# --- hedge delays ----------------------------------------------------------------------
 
 
 def test_hedge_delay_needs_enough_samples() -> None:
-    tracker = LatencyTracker({})
+    tracker = FirstByteTracker()
     for i in range(19):
         tracker.first_byte("cheap", True, 0.01 * (i + 1))
     assert tracker.hedge_delay("cheap", True) is None
     tracker.first_byte("cheap", True, 0.2)
     assert tracker.hedge_delay("cheap", True) == pytest.approx(0.19)
     assert tracker.hedge_delay("cheap", False) is None
+
+
+def test_hedge_delay_follows_new_samples_a_few_at_a_time() -> None:
+    tracker = FirstByteTracker()
+    for _ in range(20):
+        tracker.first_byte("cheap", True, 0.1)
+    assert tracker.hedge_delay("cheap", True) == pytest.approx(0.1)
+    for _ in range(7):
+        tracker.first_byte("cheap", True, 1.0)
+    assert tracker.hedge_delay("cheap", True) == pytest.approx(0.1)  # cached: 7 new samples
+    tracker.first_byte("cheap", True, 1.0)
+    assert tracker.hedge_delay("cheap", True) == pytest.approx(1.0)  # recomputed at 8
 
 
 # --- budgets ---------------------------------------------------------------------------
