@@ -1,5 +1,8 @@
 """Prometheus metrics: definitions, the per-request update, replica gauges, the scrape.
 
+(~540 lines, mostly the families' definitions and their label sets, kept beside the one
+per-request update that fills them so that a label added here is added there.)
+
 Each app has its own `CollectorRegistry` (several apps can share a test process). The
 request path's updates are buffered (`buffered.py`) and reach the registry at each
 scrape. With `PROMETHEUS_MULTIPROC_DIR` set, values live in prometheus-client's shared
