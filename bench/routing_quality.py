@@ -1,8 +1,10 @@
-"""Routing quality with subjects held out: `python bench/routing_quality.py [FILE.jsonl ...]`.
+"""Routing quality, each source held out whole: `python bench/routing_quality.py [FILE.jsonl ...]`.
 
-Same as `triage classifier cv --data ...`: per source, APGR / CPT(50%) / CPT(80%) of the
-classifier trained without the held-out subjects, against a random and a prompt-length router.
-Defaults to the shared routing data (MMLU train subjects + Arena-Hard v1).
+Same as `triage classifier cv --by source --data ...`: for each source, APGR of the classifier
+trained on the other sources only (its length blend weight chosen by leaving out each of those
+in turn), of the same model unblended, of prompt length and of random; then all held-out
+sources pooled in equal parts. Defaults to every file in the shared routing data. Subjects held
+out within a source: `triage classifier cv --data ...`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 from classifiers.commands import main  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "routing"
-DEFAULT = [str(DATA / "mmlu-train.jsonl"), str(DATA / "arena-hard-v1.jsonl")]
+DEFAULT = sorted(str(path) for path in DATA.glob("*.jsonl"))
 
 if __name__ == "__main__":
-    raise SystemExit(main(["cv", "--data", *(sys.argv[1:] or DEFAULT)]))
+    raise SystemExit(main(["cv", "--by", "source", "--data", *(sys.argv[1:] or DEFAULT)]))

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from classifiers.crossval import HeldOutSource, Mixture
 from classifiers.data import DataError, Row, read_rows
 from classifiers.model import DifficultyModel, ModelLoadError, load_model
 from classifiers.training import LabelledRequest, TrainConfig
 
-__all__ = ["explain_lines", "main", "report_lines"]
+__all__ = ["explain_lines", "loso_lines", "main", "report_lines"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +27,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, metavar="DIR")
     train.add_argument("--alpha", type=float, default=TrainConfig().alpha)
     train.add_argument("--dense-alpha", type=float, default=TrainConfig().dense_alpha)
+    train.add_argument(
+        "--length-weight",
+        default="auto",
+        metavar="W|auto",
+        help="share of the ranking taken from prompt length, 0-1; auto (the default) picks it "
+        "by leaving each training source out in turn (needs two sources, else 0)",
+    )
     evaluate = commands.add_parser("eval", help="APGR and CPT against random and length")
     evaluate.add_argument("--model", required=True, metavar="DIR")
     evaluate.add_argument("--data", nargs="+", required=True, metavar="FILE.jsonl")
@@ -35,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--data", nargs="+", required=True, metavar="FILE.jsonl")
     cv.add_argument("--folds", type=int, default=5)
     cv.add_argument("--repeats", type=int, default=3)
+    cv.add_argument(
+        "--by",
+        choices=("subject", "source"),
+        default="subject",
+        help="hold out subject groups within each source, or each source whole (nested: the "
+        "length blend weight is chosen on the other sources)",
+    )
     return parser
 
 
@@ -70,11 +86,26 @@ def explain_lines(model: DifficultyModel, request: Mapping[str, Any], top: int =
 
 
 def _train(args: argparse.Namespace, out: TextIO) -> int:
+    from classifiers.crossval import choose_length_weight
+    from classifiers.features import extract
     from classifiers.training import fit
 
     rows, _ = _labelled(read_rows(args.data), out)
     config = TrainConfig(alpha=args.alpha, dense_alpha=args.dense_alpha)
-    model = fit(rows, config, metadata={"data": [Path(p).name for p in args.data]})
+    features = [extract(row.request) for row in rows]
+    if args.length_weight == "auto":
+        weight, margins = choose_length_weight(rows, features, config)
+        if weight is None:
+            weight = 0.0
+            print("length weight 0: one source only, nothing to leave out", file=out)
+        else:
+            detail = ", ".join(f"{s} {m:+.3f}" for s, m in margins.items())
+            print(f"length weight {weight:g} (over length, source left out: {detail})", file=out)
+    else:
+        weight = float(args.length_weight)
+    config = replace(config, length_weight=weight)
+    metadata = {"data": [Path(p).name for p in args.data]}
+    model = fit(rows, config, metadata=metadata, features=features)
     path = model.save(args.out)
     print(f"trained on {len(rows)} rows, {len(model.tokens)} word weights -> {path}", file=out)
     return 0
@@ -117,10 +148,37 @@ def _score(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def loso_lines(results: Sequence[HeldOutSource], mixture: Mixture) -> list[str]:
+    """The leave-one-source-out table: APGR per held-out source and on the equal mixture."""
+    lines = [
+        f"{'held-out source':<18} {'rows':>6} {'weight':>6} {'model':>7} {'unblended':>9} "
+        f"{'length':>7} {'random':>7} {'model-length':>12}"
+    ]
+    for r in results:
+        lines.append(
+            f"{r.source:<18} {r.rows:>6} {r.length_weight:>6.1f} {r.model:>7.3f} "
+            f"{r.unblended:>9.3f} {r.length:>7.3f} {r.random:>7.3f} {r.model - r.length:>+12.3f}"
+        )
+    m = mixture
+    lines.append(
+        f"{f'mixture of {m.sources}':<18} {'':>6} {'':>6} {m.model:>7.3f} {m.unblended:>9.3f} "
+        f"{m.length:>7.3f} {m.random:>7.3f} {m.model - m.length:>+12.3f}"
+    )
+    lines.append(f"mixture, a router that knows each source's mean gain: {m.oracle:.3f}")
+    for r in results:
+        detail = ", ".join(f"{s} {v:+.3f}" for s, v in r.inner_margins.items())
+        lines.append(f"{r.source}: weight {r.length_weight:g} chosen on {detail}")
+    return lines
+
+
 def _cv(args: argparse.Namespace, out: TextIO) -> int:
-    from classifiers.crossval import cross_validate
+    from classifiers.crossval import cross_validate, leave_one_source_out
 
     rows, subjects = _labelled(read_rows(args.data), out)
+    if args.by == "source":
+        for line in loso_lines(*leave_one_source_out(rows)):
+            print(line, file=out)
+        return 0
     for result in cross_validate(rows, subjects, folds=args.folds, repeats=args.repeats):
         title = f"{result.source}: {result.rows} rows, {result.subjects} subjects, {result.scheme}"
         table = [

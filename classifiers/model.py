@@ -21,6 +21,7 @@ __all__ = [
     "MODEL_FILE",
     "DifficultyModel",
     "ModelLoadError",
+    "blend_with_length",
     "load_model",
 ]
 
@@ -28,6 +29,7 @@ FORMAT = "triage-difficulty"
 FORMAT_VERSION = 2  # 2: word weights only (no bigrams), byte-level words
 MODEL_FILE = "model.json"
 _MCQ = DENSE_NAMES.index("mcq_options")
+_LENGTH = DENSE_NAMES.index("log_chars")  # the prompt-length baseline router's score
 
 
 class ModelLoadError(ValueError):
@@ -158,6 +160,53 @@ class DifficultyModel:
         target = directory / MODEL_FILE
         target.write_bytes(orjson.dumps(self.to_json(), option=orjson.OPT_INDENT_2))
         return target
+
+
+def blend_with_length(
+    model: DifficultyModel,
+    weight: float,
+    raw_center: float,
+    raw_scale: float,
+    length_center: float,
+    length_scale: float,
+) -> DifficultyModel:
+    """The model whose raw score is (1 - weight)·z(raw) + weight·z(log_chars).
+
+    z(raw) = (raw - raw_center) / raw_scale and z(log_chars) likewise: both standardised, so
+    `weight` is the share of the ranking that comes from prompt length (0: the model as is,
+    1: the length baseline). The blend is linear in the features, so it is folded into the
+    weights: scoring costs the same, and the file format does not change. Calibration and
+    reference scores are left as they are (`training.fit` recomputes them after blending).
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"length blend weight must be between 0 and 1, got {weight!r}")
+    if raw_scale <= 0 or length_scale <= 0:
+        raise ValueError("raw_scale and length_scale must be positive")
+    factor = (1.0 - weight) / raw_scale
+    slope = weight / length_scale  # per unit of log_chars
+    shared = list(map((factor).__mul__, model.shared))
+    # A weight on `shared` is per standard deviation of the feature: slope · scale per unit.
+    shared[_LENGTH] += slope * model.scale[_LENGTH]
+    # Folding adds -slope · mean to the offset; the intercept takes it back, then centres.
+    intercept = (
+        factor * model.intercept
+        + slope * model.mean[_LENGTH]
+        - factor * raw_center
+        - slope * length_center
+    )
+    tokens = {name: factor * value for name, value in model.tokens.items() if factor * value}
+    return DifficultyModel(
+        mean=model.mean,
+        scale=model.scale,
+        shared=tuple(shared),
+        mcq=tuple(factor * value for value in model.mcq),
+        open=tuple(factor * value for value in model.open),
+        tokens=tokens,
+        intercept=intercept,
+        calibration=model.calibration,
+        reference=model.reference,
+        metadata=model.metadata,
+    )
 
 
 @contextmanager

@@ -29,19 +29,26 @@ import numpy as np
 from numpy.typing import NDArray
 
 from classifiers.features import DENSE_NAMES, Features, Token, extract
-from classifiers.model import DifficultyModel
+from classifiers.model import DifficultyModel, blend_with_length
 
 __all__ = [
     "CLEAR_MARGIN",
     "JUDGE_SCALE",
+    "MIN_CALIBRATION_SLOPE",
     "PRIOR",
     "LabelledRequest",
     "TrainConfig",
+    "blend_stats",
+    "finish",
     "fit",
+    "fit_linear",
     "raw_scores",
 ]
 
+_LENGTH = DENSE_NAMES.index("log_chars")
 JUDGE_SCALE = 3.0
+# The smallest calibration slope: scores must rise with the raw score (see `finish`).
+MIN_CALIBRATION_SLOPE = 0.1
 CLEAR_MARGIN = 2.0
 
 # Prior weights per block, in units of one standard deviation of the feature. "shared" applies
@@ -89,12 +96,17 @@ class TrainConfig:
     min_source_share: float = 0.1  # small sources are up-weighted to this share of the data
     reference_per_source: int = 500  # strong_fraction reference: score quantiles per source
     within_subject: bool = False  # fit the structural residual on within-subject differences
+    # Share of the ranking taken from prompt length (0: the model alone, 1: the length baseline);
+    # `crossval.choose_length_weight` picks it by leaving training sources out.
+    length_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.alpha <= 0 or self.dense_alpha <= 0:
             raise ValueError("alpha and dense_alpha must be positive")
         if self.reference_per_source < 1:
             raise ValueError("reference_per_source must be >= 1")
+        if not 0.0 <= self.length_weight <= 1.0:
+            raise ValueError("length_weight must be between 0 and 1")
         if self.min_count < 1 or self.max_tokens < 0:
             raise ValueError("min_count must be >= 1 and max_tokens >= 0")
 
@@ -188,15 +200,23 @@ def fit(
     features: Sequence[Features] | None = None,
 ) -> DifficultyModel:
     """Train on labelled requests; `features` may hold their already extracted features."""
-    from scipy import sparse
-    from sklearn.linear_model import LogisticRegression, Ridge
-
     config = config or TrainConfig()
-    if len(rows) < 2:
-        raise ValueError(f"need at least 2 labelled rows to train, got {len(rows)}")
     if features is None:
         features = [extract(row.request) for row in rows]
-    elif len(features) != len(rows):
+    linear = fit_linear(rows, config, features)
+    return finish(rows, features, linear, config, metadata)
+
+
+def fit_linear(
+    rows: Sequence[LabelledRequest], config: TrainConfig, features: Sequence[Features]
+) -> DifficultyModel:
+    """The linear model alone: prior + ridge residuals, no length blend, not calibrated."""
+    from scipy import sparse
+    from sklearn.linear_model import Ridge
+
+    if len(rows) < 2:
+        raise ValueError(f"need at least 2 labelled rows to train, got {len(rows)}")
+    if len(features) != len(rows):
         raise ValueError(f"got {len(features)} feature rows for {len(rows)} labelled rows")
     dense = np.array([item.dense for item in features], dtype=np.float64)
     target, label = _targets(rows)
@@ -251,7 +271,7 @@ def fit(
     tokens = {kept[i].decode("ascii"): float(token_coef[i]) for i in order if token_coef[i] != 0.0}
 
     n = len(DENSE_NAMES)
-    uncalibrated = DifficultyModel(
+    return DifficultyModel(
         mean=tuple(mean.tolist()),
         scale=tuple(scale.tolist()),
         shared=tuple(dense_weights[:n].tolist()),
@@ -261,18 +281,68 @@ def fit(
         intercept=float(ridge.intercept_),
         calibration=(1.0, 0.0),
         reference=(),
+        metadata={"vocabulary": len(vocabulary)},
     )
-    raw = raw_scores(uncalibrated, features)
-    platt = LogisticRegression(C=100.0, max_iter=1000)
-    platt.fit(raw[:, None], label.astype(int), sample_weight=weights)
-    calibration = (float(platt.coef_[0, 0]), float(platt.intercept_[0]))
+
+
+def blend_stats(
+    rows: Sequence[LabelledRequest], raw: NDArray[np.float64], lengths: NDArray[np.float64]
+) -> tuple[float, float, float, float]:
+    """Centre and spread of the raw score and of log_chars for the length blend.
+
+    The spreads are pooled *within* sources (routing ranks prompts of one kind against each
+    other), so the blend weight means the same whatever the sources' average levels.
+    """
+    sources = np.array([row.source for row in rows])
+    stats: list[float] = []
+    for values in (raw, lengths):
+        variance = [float(values[sources == s].var()) for s in np.unique(sources)]
+        spread = math.sqrt(float(np.mean(variance)))
+        stats += [float(values.mean()), spread if spread > 1e-9 else 1.0]
+    return stats[0], stats[1], stats[2], stats[3]
+
+
+def finish(
+    rows: Sequence[LabelledRequest],
+    features: Sequence[Features],
+    linear: DifficultyModel,
+    config: TrainConfig,
+    metadata: Mapping[str, Any] | None = None,
+) -> DifficultyModel:
+    """Blend a `fit_linear` model with prompt length, calibrate it and add the reference set."""
+    from sklearn.linear_model import LogisticRegression
+
+    _, label = _targets(rows)
+    weights = _row_weights(rows, config.min_source_share)
+    raw = raw_scores(linear, features)
+    lengths = np.array([item.dense[_LENGTH] for item in features], dtype=np.float64)
+    stats = blend_stats(rows, raw, lengths)
+    blended = blend_with_length(linear, config.length_weight, *stats)
+    raw = raw_scores(blended, features)
+    # The slope is fitted within sources (one intercept per source): the target was
+    # standardised per source, so the raw score says nothing about a source's base rate, and
+    # pooling sources whose base rates differ can even give a negative slope, which would turn
+    # the router, length included, upside down. The intercept is then fitted on all rows.
+    sources = np.array([row.source for row in rows])
+    dummies = (sources[:, None] == np.unique(sources)[None, :]).astype(np.float64)
+    platt = LogisticRegression(C=100.0, max_iter=1000, fit_intercept=len(dummies[0]) == 1)
+    platt.fit(np.hstack([raw[:, None], dummies]), label.astype(int), sample_weight=weights)
+    slope = max(float(platt.coef_[0, 0]), MIN_CALIBRATION_SLOPE)
+    calibration = (slope, _intercept(raw * slope, label, weights))
     reference = _reference(rows, [_sigmoid(r, calibration) for r in raw], config)
     info: dict[str, Any] = {
         "trained_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "rows": len(rows),
         "rows_by_source": dict(Counter(row.source for row in rows)),
-        "vocabulary": len(vocabulary),
-        "tokens_kept": len(tokens),
+        "vocabulary": linear.metadata.get("vocabulary"),
+        "tokens_kept": len(blended.tokens),
+        "length_blend": {
+            "weight": config.length_weight,
+            "raw_center": stats[0],
+            "raw_scale": stats[1],
+            "length_center": stats[2],
+            "length_scale": stats[3],
+        },
         "config": {
             "alpha": config.alpha,
             "dense_alpha": config.dense_alpha,
@@ -282,19 +352,20 @@ def fit(
             "min_source_share": config.min_source_share,
             "within_subject": config.within_subject,
             "reference_per_source": config.reference_per_source,
+            "length_weight": config.length_weight,
             "judge_scale": JUDGE_SCALE,
             "clear_margin": CLEAR_MARGIN,
         },
         **(metadata or {}),
     }
     return DifficultyModel(
-        mean=uncalibrated.mean,
-        scale=uncalibrated.scale,
-        shared=uncalibrated.shared,
-        mcq=uncalibrated.mcq,
-        open=uncalibrated.open,
-        tokens=tokens,
-        intercept=uncalibrated.intercept,
+        mean=blended.mean,
+        scale=blended.scale,
+        shared=blended.shared,
+        mcq=blended.mcq,
+        open=blended.open,
+        tokens=blended.tokens,
+        intercept=blended.intercept,
         calibration=calibration,
         reference=reference,
         metadata=info,
@@ -316,6 +387,22 @@ def _reference(
     points = np.linspace(0.0, 1.0, config.reference_per_source)
     parts = [np.quantile(values[sources == source], points) for source in np.unique(sources)]
     return tuple(sorted(round(float(v), 6) for v in np.concatenate(parts)))
+
+
+def _intercept(
+    offset: NDArray[np.float64], label: NDArray[np.float64], weights: NDArray[np.float64]
+) -> float:
+    """The logistic intercept b that fits label ~ sigmoid(offset + b) (Newton steps)."""
+    rate = float(np.clip(np.average(label, weights=weights), 1e-6, 1 - 1e-6))
+    b = math.log(rate / (1 - rate)) - float(np.average(offset, weights=weights))
+    for _ in range(100):
+        p = 1.0 / (1.0 + np.exp(-np.clip(offset + b, -30.0, 30.0)))
+        step = float(np.sum(weights * (p - label)) / max(np.sum(weights * p * (1 - p)), 1e-12))
+        step = max(-1.0, min(1.0, step))  # damped: near-separable data has a flat curvature
+        b -= step
+        if abs(step) < 1e-10:
+            break
+    return b
 
 
 def _sigmoid(raw: float, calibration: tuple[float, float]) -> float:
