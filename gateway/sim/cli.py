@@ -39,6 +39,8 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jitter", type=float, help="delays vary within 1 ± this fraction")
     parser.add_argument("--seed", type=int, help="seed for output text, jitter and faults")
     parser.add_argument("--max-model-len", type=int, help="context window in tokens")
+    parser.add_argument("--kv-blocks", type=int, help="KV cache size in blocks")
+    parser.add_argument("--block-size", type=int, help="tokens per KV cache block")
     parser.add_argument(
         "--fault-rate", type=float, default=0.0, help="probability a request gets the fault"
     )
@@ -60,6 +62,8 @@ def profile_from_args(args: argparse.Namespace) -> SimProfile:
         jitter=args.jitter,
         seed=args.seed,
         max_model_len=args.max_model_len,
+        kv_blocks=args.kv_blocks,
+        block_size=args.block_size,
     )
 
 

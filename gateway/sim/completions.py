@@ -21,6 +21,7 @@ from gateway.sim.protocol import (
 from gateway.sim.quirks import ContextCheck
 from gateway.sim.service import SimService
 from gateway.sim.shapes import ChunkFormatter, completion_body
+from gateway.sim.tokens import token_ids
 
 __all__ = ["CompletionEndpoint"]
 
@@ -92,15 +93,20 @@ class CompletionEndpoint:
         model = service.profile.model
         if service.quirks.echo_model and request.model:
             model = request.model
+        # The ids the KV cache hashes: the prompt as rendered (system, tools, messages).
+        prompt_ids = token_ids(request.prompt, request.prompt_tokens)
         if request.stream:
-            await self._stream(send, request, plans, request_id, model, started, stall_after)
+            await self._stream(
+                send, request, plans, prompt_ids, request_id, model, started, stall_after
+            )
         else:
-            await self._complete(send, plans, request_id, model, started)
+            await self._complete(send, plans, prompt_ids, request_id, model, started)
 
     async def _complete(
         self,
         send: Send,
         plans: Sequence[CompletionPlan],
+        prompt_ids: Sequence[int],
         request_id: str,
         model: str,
         started: float,
@@ -109,9 +115,11 @@ class CompletionEndpoint:
         metrics = service.metrics
         # The choices decode side by side: the answer is ready when the longest one is.
         longest = max(plans, key=lambda plan: plan.completion_tokens)
-        async with service.engine.slot():
+        async with service.engine.slot(prompt_ids, _output_tokens(plans)) as lease:
             await service.engine.run(
-                longest, lambda: metrics.observe_ttft(time.perf_counter() - started)
+                longest,
+                lambda: metrics.observe_ttft(time.perf_counter() - started),
+                lease.cached_tokens,
             )
         body = completion_body(
             endpoint=self._endpoint,
@@ -130,6 +138,7 @@ class CompletionEndpoint:
         send: Send,
         request: SimRequest,
         plans: Sequence[CompletionPlan],
+        prompt_ids: Sequence[int],
         request_id: str,
         model: str,
         started: float,
@@ -147,7 +156,7 @@ class CompletionEndpoint:
         output = _Output(send, at_first_token=service.quirks.stream_headers_at_first_token)
         # vLLM's headers go out at once; llama.cpp and Ollama send them with the first token.
         await output.open()
-        async with service.engine.slot():
+        async with service.engine.slot(prompt_ids, _output_tokens(plans)) as lease:
             if service.profile.is_instant and stall_after is None:
                 # No time passes between tokens, so one write can carry them all: the same bytes
                 # at a fraction of the per-send cost, which is what the overhead benchmark needs.
@@ -156,7 +165,9 @@ class CompletionEndpoint:
                     _step(events, plans, position) for position in range(_longest(plans))
                 )
             else:
-                sent = await self._send_tokens(output, events, plans, started, stall_after)
+                sent = await self._send_tokens(
+                    output, events, plans, lease.cached_tokens, started, stall_after
+                )
                 unsent = b"" if sent else events.first(len(plans))
         await output.write(unsent + events.finish(plans[0], plans[1:]), more=False)
         self._finished(plans, started)
@@ -166,13 +177,15 @@ class CompletionEndpoint:
         output: _Output,
         events: ChunkFormatter,
         plans: Sequence[CompletionPlan],
+        cached_tokens: int,
         started: float,
         stall_after: int | None,
     ) -> int:
         """Send each step's tokens as the engine produces them; return how many steps were sent."""
         sent = 0
         longest = max(plans, key=lambda plan: plan.completion_tokens)
-        async with contextlib.aclosing(self._service.engine.stream(longest)) as tokens:
+        stream = self._service.engine.stream(longest, cached_tokens)
+        async with contextlib.aclosing(stream) as tokens:
             async for _ in tokens:
                 if sent == stall_after:
                     break
@@ -217,6 +230,11 @@ class _Output:
     async def _start(self) -> None:
         self._started = True
         await self._send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+
+
+def _output_tokens(plans: Sequence[CompletionPlan]) -> int:
+    # Every choice decodes into KV blocks of its own; they share the prompt's.
+    return sum(plan.completion_tokens for plan in plans)
 
 
 def _longest(plans: Sequence[CompletionPlan]) -> int:

@@ -1,15 +1,16 @@
-"""The simulated GPU: latency model, FIFO admission queue and deterministic output."""
+"""The simulated GPU: latency model, FIFO admission queue, KV cache and deterministic output."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 from collections import deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
 
+from gateway.sim.kvcache import KVCache, KVLease, block_hashes
 from gateway.sim.profile import SimProfile
 from gateway.sim.tokens import output_rng, sample_words
 
@@ -42,18 +43,35 @@ class CompletionPlan:
         return "".join(self.tokens)
 
 
-class SimEngine:
-    """One simulated vLLM engine: at most `max_num_seqs` sequences run, the rest queue FIFO.
+@dataclass(frozen=True, slots=True)
+class _Sequence:
+    hashes: tuple[int, ...]
+    prompt_tokens: int
+    total_tokens: int
 
-    The caller holds a slot (`async with engine.slot():`) while it prefills and decodes with
-    `stream` or `run`; both pace tokens by the profile's latency model.
+
+@dataclass(frozen=True, slots=True)
+class _Waiter:
+    future: asyncio.Future[KVLease]
+    sequence: _Sequence
+
+
+class SimEngine:
+    """One simulated vLLM engine: a sequence runs when one of `max_num_seqs` slots is free and
+    the KV cache has room for its blocks; the rest queue FIFO (the head waits for both).
+
+    The caller holds a slot (`async with engine.slot(prompt_ids, output_tokens) as lease:`)
+    while it prefills and decodes with `stream` or `run`, which pace tokens by the profile's
+    latency model; only the prompt tokens the cache did not hold (`lease.uncached_tokens`) take
+    prefill time.
     """
 
     def __init__(self, profile: SimProfile) -> None:
         self.profile = profile
+        self.kv = KVCache(profile.kv_blocks, profile.block_size)
         self._rng = random.Random(profile.seed)
         self._running = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[_Waiter] = deque()
 
     @property
     def running(self) -> int:
@@ -65,8 +83,8 @@ class SimEngine:
 
     @property
     def kv_cache_usage(self) -> float:
-        """Fraction of sequence slots in use, standing in for vLLM's KV-cache usage (0..1)."""
-        return self._running / self.profile.max_num_seqs
+        """vLLM's KV-cache usage: the share of blocks running requests hold (0..1)."""
+        return self.kv.usage
 
     # -- output -----------------------------------------------------------------------------
 
@@ -99,10 +117,12 @@ class SimEngine:
 
     # -- latency model ----------------------------------------------------------------------
 
-    def ttft_s(self, prompt_tokens: int) -> float:
-        """Prefill time for a prompt, before jitter and excluding time spent queued."""
+    def ttft_s(self, prompt_tokens: int, cached_tokens: int = 0) -> float:
+        """Prefill time for a prompt whose first `cached_tokens` are in the KV cache, before
+        jitter and excluding time spent queued."""
         profile = self.profile
-        return (profile.ttft_ms + prompt_tokens * profile.prefill_ms_per_token) / 1000.0
+        uncached = max(prompt_tokens - cached_tokens, 0)
+        return (profile.ttft_ms + uncached * profile.prefill_ms_per_token) / 1000.0
 
     def step_s(self, running: int | None = None) -> float:
         """Decode step time (inter-token latency) at a batch of `running` sequences."""
@@ -120,42 +140,72 @@ class SimEngine:
 
     # -- admission --------------------------------------------------------------------------
 
-    async def acquire(self) -> None:
-        """Take a sequence slot, queueing FIFO behind earlier requests when all are busy."""
+    async def acquire(self, prompt_ids: Sequence[int] = (), output_tokens: int = 0) -> KVLease:
+        """Take a sequence slot and the KV blocks of the prompt `prompt_ids` and its output,
+        queueing FIFO behind earlier requests while either is short."""
+        prompt_tokens = len(prompt_ids)
+        sequence = _Sequence(
+            block_hashes(prompt_ids, self.kv.block_size),
+            prompt_tokens,
+            prompt_tokens + output_tokens,
+        )
         if self._running < self.profile.max_num_seqs and not self._waiters:
-            self._running += 1
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            lease = self._allocate(sequence)
+            if lease is not None:
+                self._running += 1
+                return lease
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), sequence)
         self._waiters.append(waiter)
         try:
-            await waiter
+            return await waiter.future
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
+            future = waiter.future
+            if future.done() and not future.cancelled():
                 # The slot was handed over just as we were cancelled: pass it on.
-                self.release()
+                self.release(future.result())
             elif waiter in self._waiters:
                 self._waiters.remove(waiter)
+                self._admit_waiters()  # the head may have been what held the others back
             raise
 
-    def release(self) -> None:
-        """Give a slot back, handing it straight to the oldest waiter if there is one."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    def release(self, lease: KVLease | None = None) -> None:
+        """Give a slot and its blocks back, admitting the oldest waiters that now fit."""
+        if lease is not None:
+            self.kv.free(lease)
         self._running -= 1
+        self._admit_waiters()
 
-    def slot(self) -> _Slot:
-        """Async context manager holding one sequence slot."""
-        return _Slot(self)
+    def slot(self, prompt_ids: Sequence[int] = (), output_tokens: int = 0) -> _Slot:
+        """Async context manager holding one sequence slot and its KV blocks; it gives the
+        lease, whose `cached_tokens` say how much of the prompt needs no prefill."""
+        return _Slot(self, prompt_ids, output_tokens)
+
+    def _allocate(self, sequence: _Sequence) -> KVLease | None:
+        return self.kv.allocate(sequence.hashes, sequence.prompt_tokens, sequence.total_tokens)
+
+    def _admit_waiters(self) -> None:
+        # Strictly first come, first served: a head that does not fit holds the others back,
+        # as vLLM's scheduler stops at the first waiting request it cannot allocate.
+        while self._waiters and self._running < self.profile.max_num_seqs:
+            head = self._waiters[0]
+            if head.future.done():
+                self._waiters.popleft()
+                continue
+            lease = self._allocate(head.sequence)
+            if lease is None:
+                return
+            self._waiters.popleft()
+            self._running += 1
+            head.future.set_result(lease)
 
     # -- generation -------------------------------------------------------------------------
 
-    async def stream(self, plan: CompletionPlan) -> AsyncGenerator[str, None]:
+    async def stream(
+        self, plan: CompletionPlan, cached_tokens: int = 0
+    ) -> AsyncGenerator[str, None]:
         """Yield the plan's tokens, each when the simulated GPU would have produced it."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.jittered(self.ttft_s(plan.prompt_tokens))
+        deadline = loop.time() + self.jittered(self.ttft_s(plan.prompt_tokens, cached_tokens))
         for index, token in enumerate(plan.tokens):
             if index:
                 deadline += self.jittered(self.step_s())
@@ -166,14 +216,16 @@ class SimEngine:
                 await asyncio.sleep(0)
             yield token
 
-    async def run(self, plan: CompletionPlan, on_first_token: Callable[[], None]) -> None:
+    async def run(
+        self, plan: CompletionPlan, on_first_token: Callable[[], None], cached_tokens: int = 0
+    ) -> None:
         """Take as long as streaming the plan would, without a wake-up per token."""
         if self.profile.is_instant:
             if plan.tokens:
                 on_first_token()
             return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.jittered(self.ttft_s(plan.prompt_tokens))
+        deadline = loop.time() + self.jittered(self.ttft_s(plan.prompt_tokens, cached_tokens))
         await _sleep_until(loop, deadline)
         if not plan.tokens:
             return
@@ -187,13 +239,17 @@ class SimEngine:
 
 
 class _Slot:
-    __slots__ = ("_engine",)
+    __slots__ = ("_engine", "_lease", "_output_tokens", "_prompt_ids")
 
-    def __init__(self, engine: SimEngine) -> None:
+    def __init__(self, engine: SimEngine, prompt_ids: Sequence[int], output_tokens: int) -> None:
         self._engine = engine
+        self._prompt_ids = prompt_ids
+        self._output_tokens = output_tokens
+        self._lease: KVLease | None = None
 
-    async def __aenter__(self) -> None:
-        await self._engine.acquire()
+    async def __aenter__(self) -> KVLease:
+        self._lease = await self._engine.acquire(self._prompt_ids, self._output_tokens)
+        return self._lease
 
     async def __aexit__(
         self,
@@ -201,7 +257,7 @@ class _Slot:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._engine.release()
+        self._engine.release(self._lease)
 
 
 async def _sleep_until(loop: asyncio.AbstractEventLoop, deadline: float) -> None:

@@ -3,11 +3,14 @@ registry."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST as _CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from gateway.sim.engine import SimEngine
 from gateway.sim.quirks import MetricsStyle
@@ -79,12 +82,16 @@ class SimMetrics:
             model,
             lambda: engine.waiting,
         )
+        # vllm-project/vllm `vllm/v1/metrics/loggers.py` @005a810 (PrometheusStatLogger): the
+        # gauge is the block pool's usage (blocks held by running requests); the two counters
+        # are in tokens, declared without `_total`, which prometheus_client adds on the wire.
         self._gauge(
             "vllm:kv_cache_usage_perc",
             "KV-cache usage, 1 means 100 percent.",
             model,
             lambda: engine.kv_cache_usage,
         )
+        self.registry.register(_PrefixCacheCounters(engine, model))
         self._ttft = Histogram(
             "vllm:time_to_first_token_seconds",
             "Time to first token in seconds.",
@@ -134,6 +141,32 @@ class SimMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class _PrefixCacheCounters(Collector):
+    """vLLM's prefix-cache counters, read from the engine's KV cache at scrape time."""
+
+    def __init__(self, engine: SimEngine, model: str) -> None:
+        self._engine = engine
+        self._model = model
+
+    def collect(self) -> Iterator[Metric]:
+        kv = self._engine.kv
+        for name, doc, value in (
+            (
+                "vllm:prefix_cache_queries",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                kv.queries,
+            ),
+            (
+                "vllm:prefix_cache_hits",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                kv.hits,
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=("model_name",))
+            family.add_metric((self._model,), value)
+            yield family
 
 
 class _Observer(Protocol):

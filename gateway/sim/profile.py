@@ -15,9 +15,16 @@ __all__ = ["PROFILES", "SimProfile", "profile_from_name"]
 class SimProfile:
     """How one simulated vLLM replica behaves.
 
-    Time to first token is `ttft_ms + prompt_tokens * prefill_ms_per_token`; after it, one token
-    every `itl_ms`, slowed by up to `batch_slowdown` times as the batch fills to `max_num_seqs`.
-    Every delay is multiplied by a factor drawn within `1 ± jitter`.
+    Time to first token is `ttft_ms + uncached_prompt_tokens * prefill_ms_per_token`, where the
+    uncached tokens are those after the prompt's longest prefix of `block_size`-token blocks
+    still in the KV cache (gateway/sim/kvcache.py); after it, one token every `itl_ms`, slowed
+    by up to `batch_slowdown` times as the batch fills to `max_num_seqs`. Every delay is
+    multiplied by a factor drawn within `1 ± jitter`.
+
+    `kv_blocks` is the KV cache's size in blocks (vLLM's `num_gpu_blocks`). A request holds
+    the blocks of its prompt and output while it runs and waits when they do not fit. vLLM
+    refuses to start when the cache cannot hold one `max_model_len` sequence; the sim allows it
+    (tests ask for huge windows) and gives a longer sequence the whole cache instead.
     """
 
     model: str
@@ -32,11 +39,24 @@ class SimProfile:
     # Length of an answer when the request sets no max_tokens (and the model "stops" by itself).
     output_tokens_min: int = 20
     output_tokens_max: int = 120
+    # ~400k tokens: what vLLM finds free on an H100 (0.9 of its memory) for an 8B model at
+    # 128 KiB of KV per token (32 layers x 8 KV heads x 128 x K,V x BF16) next to 16 GB of
+    # weights, and per GPU for a 70B model over 4 (80 layers: 320 KiB per token, 35 GB each).
+    kv_blocks: int = 25_000
+    block_size: int = 16  # vLLM's default (CacheConfig.DEFAULT_BLOCK_SIZE)
 
     def __post_init__(self) -> None:
         problems = [
             *_at_least(self, 0.0, "ttft_ms", "prefill_ms_per_token", "itl_ms"),
-            *_at_least(self, 1, "max_num_seqs", "max_model_len", "output_tokens_min"),
+            *_at_least(
+                self,
+                1,
+                "max_num_seqs",
+                "max_model_len",
+                "output_tokens_min",
+                "kv_blocks",
+                "block_size",
+            ),
             *_at_least(self, 1.0, "batch_slowdown"),
         ]
         if not self.model:

@@ -97,7 +97,7 @@ def parse_chat_request(body: dict[str, object], quirks: Quirks = _VLLM) -> SimRe
     if messages is None and not quirks.messages_required:
         prompt, prompt_tokens = "", 0  # llama-cpp-python: `messages` defaults to []
     else:
-        prompt, prompt_tokens = chat_prompt(messages)
+        prompt, prompt_tokens = chat_prompt(messages, body.get("tools"))
     return _sim_request("chat", body, prompt, prompt_tokens, quirks)
 
 
@@ -179,12 +179,16 @@ def _sim_request(
     )
 
 
-def chat_prompt(messages: object) -> tuple[str, int]:
-    """The prompt text of chat `messages` and its tokens, template overhead included."""
+def chat_prompt(messages: object, tools: object = None) -> tuple[str, int]:
+    """The prompt text of chat `messages` and its tokens, template overhead included.
+
+    Tool definitions (a non-empty list) are rendered as JSON after the leading system messages,
+    where chat templates put them: system prompt, tools, then the conversation, so requests
+    that share those share a prompt prefix (and its KV-cache blocks).
+    """
     if not isinstance(messages, list) or not messages:
         raise SimRequestError("messages must be a non-empty list", param="messages")
-    lines: list[str] = []
-    tokens = 0
+    turns: list[tuple[str, str]] = []
     for index, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if not isinstance(role, str):
@@ -192,10 +196,13 @@ def chat_prompt(messages: object) -> tuple[str, int]:
                 f"messages[{index}] must be an object with a string role",
                 param=f"messages[{index}]",
             )
-        text = _content_text(message.get("content"), index)
-        lines.append(f"{role}: {text}")
-        tokens += count_tokens(text) + _TOKENS_PER_MESSAGE
-    return "\n".join(lines), tokens
+        turns.append((role, _content_text(message.get("content"), index)))
+    if isinstance(tools, list) and tools:
+        system = next((i for i, (role, _) in enumerate(turns) if role != "system"), len(turns))
+        turns.insert(system, ("tools", orjson.dumps(tools).decode()))
+    text = "\n".join(f"{role}: {content}" for role, content in turns)
+    tokens = sum(count_tokens(content) + _TOKENS_PER_MESSAGE for _, content in turns)
+    return text, tokens
 
 
 def _content_text(content: object, index: int) -> str:

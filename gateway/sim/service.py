@@ -281,6 +281,14 @@ class SimService:
             "requests_failed": stats.requests_failed,
             "running": self.engine.running,
             "waiting": self.engine.waiting,
+            # The prefix cache whatever the server kind, whose metrics may not show it.
+            "kv_cache": {
+                "blocks": self.engine.kv.capacity,
+                "blocks_in_use": self.engine.kv.blocks_in_use,
+                "cached_blocks": self.engine.kv.cached_blocks,
+                "prefix_cache_queries": self.engine.kv.queries,
+                "prefix_cache_hits": self.engine.kv.hits,
+            },
             "last_request": self.last_request,
         }
         return Response(orjson.dumps(body), media_type=_JSON)
@@ -305,7 +313,7 @@ def _tokenize_reply(quirks: Quirks, body: dict[str, object], max_model_len: int)
     # vLLM also takes {"messages"} and counts the chat template as the completion would.
     messages = body.get("messages")
     if messages is not None and style == "vllm":
-        text, count = chat_prompt(messages)
+        text, count = chat_prompt(messages, body.get("tools"))
         tokens = token_ids(text, count)
     else:
         prompt = body.get("prompt")

@@ -277,6 +277,9 @@ async def test_metrics_use_vllm_names(client: httpx.AsyncClient) -> None:
     assert f"vllm:time_to_first_token_seconds_count{{{label}}} 1.0" in text
     assert f"vllm:e2e_request_latency_seconds_count{{{label}}} 1.0" in text
     assert "vllm:e2e_request_latency_seconds_bucket{le=" in text
+    # The prefix cache counters, in prompt tokens: 9 queried, nothing cached yet.
+    assert f"vllm:prefix_cache_queries_total{{{label}}} 9.0" in text
+    assert f"vllm:prefix_cache_hits_total{{{label}}} 0.0" in text
 
 
 async def test_stats_count_requests_and_keep_the_last_body(client: httpx.AsyncClient) -> None:
@@ -346,7 +349,7 @@ async def test_requests_beyond_max_num_seqs_wait_in_line() -> None:
             await _eventually(two_by_two, timeout=2.0)
             metrics = (await http.get(f"http://127.0.0.1:{running.port}/metrics")).text
             assert f'vllm:num_requests_waiting{{model_name="{MODEL}"}} 2.0' in metrics
-            assert f'vllm:kv_cache_usage_perc{{model_name="{MODEL}"}} 1.0' in metrics
+            assert f'vllm:num_requests_running{{model_name="{MODEL}"}} 2.0' in metrics
             started = time.perf_counter()
             responses = await asyncio.gather(*calls)
             assert all(response.status_code == 200 for response in responses)
@@ -537,3 +540,29 @@ async def test_instant_profile_answers_streams_and_plain_requests() -> None:
             assert len(_chunks(streamed.text)) == 1 + 300 + 1
     finally:
         await running.stop()
+
+
+async def test_a_shared_system_prompt_is_served_from_the_prefix_cache() -> None:
+    profile = dataclasses.replace(FAST, prefill_ms_per_token=1.0)
+    running = await start_sim_server(profile)
+    system = {"role": "system", "content": " ".join(["policy"] * 400)}
+    try:
+        async with httpx.AsyncClient(base_url=running.url, timeout=5.0) as http:
+            for question in ("first question?", "second question?"):
+                body = {"model": MODEL, "max_tokens": 1, "messages": [system, _user(question)]}
+                assert (await http.post("/chat/completions", json=body)).status_code == 200
+            root = f"http://127.0.0.1:{running.port}"
+            metrics = (await http.get(root + "/metrics")).text
+            stats = (await http.get(root + "/admin/stats")).json()
+    finally:
+        await running.stop()
+    label = f'model_name="{MODEL}"'
+    # 411 prompt tokens each; the second finds the system prompt's 25 whole blocks cached.
+    assert f"vllm:prefix_cache_queries_total{{{label}}} 822.0" in metrics
+    assert f"vllm:prefix_cache_hits_total{{{label}}} 400.0" in metrics
+    assert stats["kv_cache"]["prefix_cache_hits"] == 400
+    assert stats["kv_cache"]["blocks_in_use"] == 0
+
+
+def _user(content: str) -> dict[str, str]:
+    return {"role": "user", "content": content}

@@ -46,10 +46,8 @@ async def test_step_time_defaults_to_current_batch() -> None:
     engine = SimEngine(_profile(itl_ms=10.0, batch_slowdown=2.0, max_num_seqs=2))
     await engine.acquire()
     assert engine.step_s() == pytest.approx(0.015)
-    assert engine.kv_cache_usage == 0.5
     await engine.acquire()
     assert engine.step_s() == pytest.approx(0.020)
-    assert engine.kv_cache_usage == 1.0
 
 
 def test_jitter_stays_within_bounds_and_is_seeded() -> None:
@@ -159,7 +157,6 @@ async def test_at_most_max_num_seqs_run_and_the_rest_queue_fifo() -> None:
     await asyncio.sleep(0.01)
     assert (engine.running, engine.waiting) == (2, 3)
     assert order == [0, 1]
-    assert engine.kv_cache_usage == 1.0
     gate.set()
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2, 3, 4]
