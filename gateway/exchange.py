@@ -175,8 +175,7 @@ class Exchange:
 
     async def _settle(self) -> None:
         outcome, record = self.outcome, self.record
-        if self.pool is not None:
-            await self.count_usage()
+        await self.count_usage()
         if self.recorder is not None:
             same_model = (
                 self.plan is not None

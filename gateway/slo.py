@@ -42,9 +42,10 @@ class SloTarget:
     e2e_s: float
     percentile: float = 95.0
 
-    def met(self, ttft_s: float | None, e2e_s: float) -> tuple[bool, bool]:
-        """(TTFT met, e2e met). Without a TTFT (a non-streamed answer) only e2e is judged."""
-        return (ttft_s is None or ttft_s <= self.ttft_s), e2e_s <= self.e2e_s
+    def met(self, ttft_s: float | None, e2e_s: float | None) -> tuple[bool, bool]:
+        """(TTFT met, e2e met). Without a TTFT (a non-streamed answer) only e2e is judged;
+        without an e2e (none was measured) it is not judged missed."""
+        return (ttft_s is None or ttft_s <= self.ttft_s), (e2e_s is None or e2e_s <= self.e2e_s)
 
 
 def request_priority(tenant_priority: Priority, hint: Priority | None) -> Priority:

@@ -531,10 +531,7 @@ def _slo_result(record: RequestRecord, slo: SloTarget) -> str | None:
         return "error"
     if record.status >= 400:
         return None
-    ttft = record.ttft_s
-    if record.stream and ttft is not None and ttft > slo.ttft_s:
+    ttft_met, e2e_met = slo.met(record.ttft_s if record.stream else None, record.e2e_s)
+    if not ttft_met:
         return "ttft_missed"
-    e2e = record.e2e_s
-    if e2e is not None and e2e > slo.e2e_s:
-        return "e2e_missed"
-    return "met"
+    return "met" if e2e_met else "e2e_missed"
