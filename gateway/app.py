@@ -312,7 +312,6 @@ class Gateway:
                 dispatched = await runtime.dispatcher.dispatch(
                     exchange.decision,
                     exchange.parsed,
-                    client_headers,
                     headers,
                     tenant_priority=exchange.caller.settings.priority,
                     started=arrived,

@@ -7,14 +7,11 @@ without the race that sends the request having to change.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.api.request import ParsedRequest
 
-__all__ = ["SESSION_HEADER", "RequestView", "session_key"]
-
-SESSION_HEADER = "x-session-id"
+__all__ = ["RequestView", "session_key"]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -33,10 +30,10 @@ class RequestView:
         return self.parsed.estimated_prompt_tokens()
 
 
-def session_key(headers: Mapping[str, str], body: Mapping[str, object]) -> str | None:
-    """The client's session: its `x-session-id` header, else the body's `user`."""
-    session = headers.get(SESSION_HEADER)
-    if session:
-        return session
-    user = body.get("user")
+def session_key(parsed: ParsedRequest) -> str | None:
+    """The client's session: its `x-session-id` header (read at the edge, in
+    `parsed.hints`), else the body's `user`."""
+    if parsed.hints.session is not None:
+        return parsed.hints.session
+    user = parsed.body.get("user")
     return user if isinstance(user, str) and user else None

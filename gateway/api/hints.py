@@ -18,6 +18,7 @@ __all__ = [
     "E2E_HEADER",
     "NO_HINTS",
     "PRIORITY_HEADER",
+    "SESSION_HEADER",
     "TIER_HEADER",
     "TTFT_HEADER",
     "RequestHints",
@@ -28,6 +29,7 @@ TIER_HEADER = "x-triage-tier"
 PRIORITY_HEADER = "x-triage-priority"
 TTFT_HEADER = "x-slo-ttft-ms"
 E2E_HEADER = "x-slo-e2e-ms"
+SESSION_HEADER = "x-session-id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,7 @@ class RequestHints:
     priority: Priority | None = None  # `x-triage-priority`: may lower the tenant's
     ttft_s: float | None = None  # `x-slo-ttft-ms`, in seconds: may tighten the tier's
     e2e_s: float | None = None  # `x-slo-e2e-ms`, in seconds: may tighten the tier's
+    session: str | None = None  # `x-session-id`: what a session-aware balancer keys on
 
 
 NO_HINTS = RequestHints()
@@ -45,18 +48,20 @@ NO_HINTS = RequestHints()
 
 def read_hints(headers: Mapping[str, str]) -> RequestHints:
     """The hints in `headers` (lower-case names), or `InvalidRequest` naming the bad one.
-    Most requests send none: four lookups and a shared value, nothing built."""
+    Most requests send none: five lookups and a shared value, nothing built."""
     tier = headers.get(TIER_HEADER)
     priority = headers.get(PRIORITY_HEADER)
     ttft = headers.get(TTFT_HEADER)
     e2e = headers.get(E2E_HEADER)
-    if tier is None and priority is None and ttft is None and e2e is None:
+    session = headers.get(SESSION_HEADER) or None
+    if tier is None and priority is None and ttft is None and e2e is None and session is None:
         return NO_HINTS
     return RequestHints(
         tier,
         None if priority is None else _priority(priority),
         None if ttft is None else _seconds(TTFT_HEADER, ttft),
         None if e2e is None else _seconds(E2E_HEADER, e2e),
+        session,
     )
 
 

@@ -69,7 +69,6 @@ class Dispatcher:
         self,
         decision: Decision,
         parsed: ParsedRequest,
-        client_headers: Mapping[str, str],
         forward_headers: Mapping[str, str],
         tenant_priority: Priority = "standard",
         started: float | None = None,
@@ -99,7 +98,7 @@ class Dispatcher:
             ),
             priority=request_priority(tenant_priority, parsed.hints.priority),
             rules=rules,
-            view=RequestView(decision.tier, parsed, session_key(client_headers, parsed.body)),
+            view=RequestView(decision.tier, parsed, session_key(parsed)),
             max_tokens_cap=max_tokens_cap,
             trace=trace,
         )

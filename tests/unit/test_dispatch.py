@@ -157,7 +157,7 @@ def slow(replica: Replica, seconds: float = 1.0) -> None:
 async def dispatch(
     dispatcher: Dispatcher, headers: Mapping[str, str] | None = None, stream: bool = True
 ) -> Dispatched:
-    return await dispatcher.dispatch(DECISION, parsed(stream, headers), headers or {}, {})
+    return await dispatcher.dispatch(DECISION, parsed(stream, headers), {})
 
 
 async def drain(dispatched: Dispatched) -> list[bytes]:
@@ -546,7 +546,7 @@ async def test_critical_is_never_shed() -> None:
     overloaded(dispatcher, "s0", "s1", "b0")
     slow(replica_of(dispatcher, "b0"), 3.0)
     # The header may only lower a tenant's priority: this tenant is critical.
-    dispatched = await dispatcher.dispatch(DECISION, parsed(), {}, {}, tenant_priority="critical")
+    dispatched = await dispatcher.dispatch(DECISION, parsed(), {}, tenant_priority="critical")
     assert dispatched.tier == "cheap"  # the option predicted fastest
     dispatched.finish(done())
 
@@ -594,7 +594,7 @@ async def test_a_slot_is_kept_for_critical_requests() -> None:
     s0.begin(time.monotonic(), Progress(time.monotonic(), 10))  # one of two slots taken
     with pytest.raises(RateLimited):  # the other one is kept for critical requests
         await dispatch(dispatcher)
-    critical = await dispatcher.dispatch(DECISION, parsed(), {}, {}, tenant_priority="critical")
+    critical = await dispatcher.dispatch(DECISION, parsed(), {}, tenant_priority="critical")
     assert critical.replica is s0
     critical.finish(done())
 
@@ -629,7 +629,7 @@ async def test_one_answer_outweighs_a_give_up() -> None:
     (s0,) = only_small(dispatcher, "s0")
     s0.observe_wait(time.monotonic(), 0.6, stream=True)
     # A critical request is sent whatever the prediction; its answer re-measures the replica.
-    critical = await dispatcher.dispatch(DECISION, parsed(), {}, {}, tenant_priority="critical")
+    critical = await dispatcher.dispatch(DECISION, parsed(), {}, tenant_priority="critical")
     critical.finish(done())
     s0.in_flight = 1  # busy now: only a prediction can admit the next one
     (await dispatch(dispatcher)).finish(done())
@@ -688,7 +688,7 @@ async def test_stale_estimates_fade_for_critical_requests_too() -> None:
     long_ago = time.monotonic() - 200
     for name in ("s0", "s1"):
         replica_of(dispatcher, name).observe(long_ago, first_byte_s=1.0, ttft_s=1.0)
-    critical = await dispatcher.dispatch(DECISION, parsed(), {}, {}, tenant_priority="critical")
+    critical = await dispatcher.dispatch(DECISION, parsed(), {}, tenant_priority="critical")
     assert critical.tier == "cheap"  # not sent to the large tier for good
     critical.finish(done())
 

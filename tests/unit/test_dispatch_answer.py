@@ -25,7 +25,7 @@ async def answer(
     dispatcher = Dispatcher({"small": pool}, Sender(response), settings)
     body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
     parsed = ParsedRequest("chat", body, "auto", stream, False)
-    return await dispatcher.dispatch(DECISION, parsed, {}, {})
+    return await dispatcher.dispatch(DECISION, parsed, {})
 
 
 async def test_read_feeds_the_outcome_and_names_the_model_as_the_policy_does() -> None:

@@ -142,7 +142,7 @@ async def dispatched(stream: bool, response: ScriptedResponse | None = None) -> 
         cast(Any, ledger),
         reservation=cast(Any, object()),
     )
-    answer = await dispatcher.dispatch(DECISION, parsed, {}, {})
+    answer = await dispatcher.dispatch(DECISION, parsed, {})
     exchange.served_by(answer)
     return Ended(exchange, answer, dispatcher, ledger, telemetry, response)
 

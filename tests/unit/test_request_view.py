@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from gateway.api.hints import read_hints
 from gateway.api.request import ParsedRequest
 from gateway.dispatch import Dispatcher, DispatchSettings
 from gateway.pools import Pool
@@ -24,7 +25,8 @@ from tests.unit.test_exchange import DECISION, ScriptedResponse, Sender
     ],
 )
 def test_session_key(headers: dict[str, str], body: dict[str, Any], key: str | None) -> None:
-    assert session_key(headers, body) == key
+    parsed = ParsedRequest("chat", body, "auto", False, False, read_hints(headers))
+    assert session_key(parsed) == key
 
 
 class Seen(Pool):
@@ -44,8 +46,8 @@ async def test_every_pick_gets_the_requests_view(balancer: Any) -> None:
         {"small": pool}, Sender(ScriptedResponse()), DispatchSettings(balancer=balancer)
     )
     body = {"model": "auto", "messages": [{"role": "user", "content": "hi " * 40}]}
-    parsed = ParsedRequest("chat", body, "auto", False, False)
-    answer = await dispatcher.dispatch(DECISION, parsed, {"x-session-id": "s-9"}, {})
+    parsed = ParsedRequest("chat", body, "auto", False, False, read_hints({"x-session-id": "s-9"}))
+    answer = await dispatcher.dispatch(DECISION, parsed, {})
     answer.finish(await _read(answer))
     (view,) = set(pool.views)
     assert view is not None and (view.tier, view.session, view.prefix) == ("cheap", "s-9", None)

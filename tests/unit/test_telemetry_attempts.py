@@ -53,7 +53,7 @@ def traced() -> tuple[Telemetry, InMemorySpanExporter]:
 
 
 async def serve(dispatcher: Dispatcher, record: RequestRecord, forward: Mapping[str, str]) -> None:
-    dispatched = await dispatcher.dispatch(DECISION, parsed(), {}, forward, trace=record.trace)
+    dispatched = await dispatcher.dispatch(DECISION, parsed(), forward, trace=record.trace)
     await drain(dispatched)
     dispatched.finish(done())
 
@@ -125,7 +125,7 @@ async def test_the_winner_span_ends_with_the_answer() -> None:
     telemetry, exporter = traced()
     dispatcher = make(FakeSender(), small=("s0",))
     record = telemetry.start("chat", {}, "r")
-    dispatched = await dispatcher.dispatch(DECISION, parsed(), {}, {}, trace=record.trace)
+    dispatched = await dispatcher.dispatch(DECISION, parsed(), {}, trace=record.trace)
     assert attempts(exporter) == []  # still streaming
     await drain(dispatched)
     dispatched.finish(done(completed=False))  # the client went away
@@ -137,7 +137,7 @@ async def test_tracing_off_forwards_the_headers_object_itself() -> None:
     sender = HeaderSender()
     dispatcher = make(sender, small=("s0",))
     forward = {"traceparent": CLIENT_TRACEPARENT}
-    dispatched = await dispatcher.dispatch(DECISION, parsed(), {}, forward, trace=NOOP_TRACE)
+    dispatched = await dispatcher.dispatch(DECISION, parsed(), forward, trace=NOOP_TRACE)
     await drain(dispatched)
     dispatched.finish(done())
     assert sender.headers == [forward]
