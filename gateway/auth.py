@@ -43,11 +43,16 @@ class Authenticator:
         self._anonymous = Caller(ANONYMOUS, anonymous) if anonymous is not None else None
 
     def authenticate(self, headers: Mapping[str, str]) -> Caller:
-        authorization = headers.get("authorization")
+        """The caller of `Authorization: Bearer <key>`, or of `x-api-key: <key>` (how the
+        Anthropic SDKs send it); one key, one tenant, whichever header carries it."""
+        authorization = headers.get("authorization") or headers.get("x-api-key")
+        if authorization and "authorization" not in headers:
+            authorization = "Bearer " + authorization
         if not authorization:
             if self._anonymous is None:
                 raise AuthenticationFailed(
-                    "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key"
+                    "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
+                    code="missing_api_key",
                 )
             return self._anonymous
         scheme, _, key = authorization.partition(" ")

@@ -150,6 +150,23 @@ class Tokenizer:
             return guess
         return Usage(prompt, completion, "tokenized")
 
+    async def prompt_tokens(
+        self, parsed: ParsedRequest, pool: Pool, replica: Replica
+    ) -> int | None:
+        """`parsed`'s prompt as `replica`'s own tokenizer counts it; None when its kind of
+        server has no tokenize endpoint, or it does not answer in time."""
+        backend = pool.backend
+        api, path = backend.tokenize_api, backend.tokenize_path
+        if api is None or path is None:
+            return None
+        call = _Call(self, api, replica.root_url, path, pool.served_name, pool.api_key)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await call.prompt(parsed)
+        except (httpx.HTTPError, ValueError, TimeoutError) as exc:
+            _logger.debug("tokenize at %s failed: %r", replica.root_url, exc)
+            return None
+
     async def _post(self, url: str, body: Mapping[str, Any], key: str | None) -> Any:
         if self._client is None:
             self._client = httpx.AsyncClient()

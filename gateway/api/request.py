@@ -18,7 +18,7 @@ from gateway.api.hints import NO_HINTS, RequestHints, read_hints
 from gateway.api.schemas import MAX_MESSAGES, SCHEMAS, RequestKind, describe_location
 from gateway.errors import BodyTooLarge, InvalidRequest
 
-__all__ = ["ParsedRequest", "read_request"]
+__all__ = ["ParsedRequest", "checked_request", "read_json_object", "read_request"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +37,7 @@ class ParsedRequest:
     stream: bool
     client_wants_usage: bool
     hints: RequestHints = NO_HINTS
+    dialect: str = "chat"  # the client's API: chat | messages | responses (gateway.dialects)
     max_tokens: int | None = field(init=False)
     choices: int = field(init=False)
 
@@ -103,6 +104,12 @@ async def read_request(
 ) -> ParsedRequest:
     """The request, checked; `headers` (lower-case names, as `app.header_map` gives them)
     are read for the gateway's own (`gateway.api.hints`)."""
+    body = await read_json_object(request, max_body_bytes)
+    return checked_request(body, kind, headers)
+
+
+async def read_json_object(request: Request, max_body_bytes: int) -> dict[str, Any]:
+    """The body as a JSON object the gateway can write again, or an `InvalidRequest`."""
     raw = await _read_body(request, max_body_bytes)
     try:
         body = orjson.loads(raw)
@@ -111,6 +118,17 @@ async def read_request(
     if not isinstance(body, dict):
         raise InvalidRequest("Request body must be a JSON object.")
     _check_writable(raw, body)
+    return body
+
+
+def checked_request(
+    body: dict[str, Any],
+    kind: RequestKind,
+    headers: Mapping[str, str] | None = None,
+    dialect: str = "chat",
+) -> ParsedRequest:
+    """`body` held to its OpenAI schema. A dialect's request arrives here translated to a
+    chat body (`gateway.dialects`), so it meets the same checks as a chat client's."""
     messages = body.get("messages")
     if kind == "chat" and isinstance(messages, list) and len(messages) > MAX_MESSAGES:
         # Refused before validation, which would otherwise check every one of them first.
@@ -132,6 +150,7 @@ async def read_request(
         stream=body.get("stream") is True,
         client_wants_usage=isinstance(options, dict) and options.get("include_usage") is True,
         hints=hints,
+        dialect=dialect,
     )
 
 

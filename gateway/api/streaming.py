@@ -34,10 +34,13 @@ class EventStreamResponse:
         events: AsyncIterator[bytes],
         headers: Mapping[str, str],
         on_close: Callable[[], Awaitable[None]] | None = None,
+        error_event: Callable[[TriageError], bytes] = sse_error_event,
     ) -> None:
-        """`on_close` runs however the response ends, even if `events` never started."""
+        """`on_close` runs however the response ends, even if `events` never started;
+        `error_event` is the stream's last event when it fails (the client's dialect's)."""
         self.events = events
         self.on_close = on_close
+        self.error_event = error_event
         self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
         self.raw_headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
         self.raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
@@ -64,7 +67,7 @@ class EventStreamResponse:
                 if not ours or task.uncancel() > 0:
                     raise  # cancelled from outside: the server is tearing the request down
                 if not watch.client_left:
-                    await _end_with(send, _SHUTTING_DOWN)
+                    await self._end_with(send, _SHUTTING_DOWN)
 
     async def _relay(self, send: Send) -> None:
         try:
@@ -72,7 +75,7 @@ class EventStreamResponse:
                 async for event in self.events:
                     await send({"type": "http.response.body", "body": event, "more_body": True})
             except TriageError as error:
-                await _end_with(send, error)
+                await self._end_with(send, error)
                 return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
@@ -82,8 +85,8 @@ class EventStreamResponse:
             if aclose is not None:
                 await aclose()
 
-
-async def _end_with(send: Send, error: TriageError) -> None:
-    """End a stream that has started with `error`: an error event, then `[DONE]`."""
-    last = sse_error_event(error)
-    await send({"type": "http.response.body", "body": last, "more_body": False})
+    async def _end_with(self, send: Send, error: TriageError) -> None:
+        """End a stream that has started with `error`: an error event (then `[DONE]`, for
+        an OpenAI client)."""
+        last = self.error_event(error)
+        await send({"type": "http.response.body", "body": last, "more_body": False})

@@ -88,6 +88,7 @@ def make_plan(
     kind: RequestKind,
     body: Mapping[str, Any],
     headers: Mapping[str, str],
+    dialect: str = "chat",
 ) -> CachePlan:
     """Apply the policy's and the client's cache rules. Pure: touches no store.
 
@@ -113,16 +114,20 @@ def make_plan(
     if tier_settings is not None and tier_settings.ttl_s is not None:
         ttl_s = tier_settings.ttl_s
     reason = None if lookup and store else f"the client sent {'no-store' if lookup else 'no-cache'}"
-    key = cache_key(scope, model, kind, body)
+    key = cache_key(scope, model, kind, body, dialect)
     return CachePlan(kind, model, key, lookup=lookup, store=store, ttl_s=ttl_s, reason=reason)
 
 
-def cache_key(scope: str, model: str, kind: RequestKind, body: Mapping[str, Any]) -> str:
-    """`cache:<scope>:<model>:{<sha256>}`; scope and model escaped, the digest the hash tag."""
+def cache_key(
+    scope: str, model: str, kind: RequestKind, body: Mapping[str, Any], dialect: str = "chat"
+) -> str:
+    """`cache:<scope>:<model>:{<sha256>}`; scope and model escaped, the digest the hash tag.
+    The client's dialect is in the digest: an entry is replayed only to the API that asked."""
     meaningful = {
         name: _plain_number(value) for name, value in body.items() if name not in IGNORED_FIELDS
     }
-    digest = hashlib.sha256(orjson.dumps([kind, model, scope]))
+    head = [kind, model, scope] if dialect == "chat" else [kind, model, scope, dialect]
+    digest = hashlib.sha256(orjson.dumps(head))
     digest.update(orjson.dumps(meaningful, option=orjson.OPT_SORT_KEYS))
     return f"cache:{_segment(scope)}:{_segment(model)}:{{{digest.hexdigest()}}}"
 

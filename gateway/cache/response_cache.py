@@ -70,6 +70,7 @@ class ResponseCache:
         kind: RequestKind,
         body: Mapping[str, Any],
         headers: Mapping[str, str],
+        dialect: str = "chat",
     ) -> CachePlan:
         """Key, TTL and whether to look up and write; pure (see `plan.make_plan`)."""
         return make_plan(
@@ -80,6 +81,7 @@ class ResponseCache:
             kind=kind,
             body=body,
             headers=headers,
+            dialect=dialect,
         )
 
     async def lookup(self, plan: CachePlan) -> Lookup:

@@ -88,14 +88,15 @@ def test_only_the_bearer_scheme_carries_a_key() -> None:
         assert (error.code, error.message) == ("invalid_api_key", "Incorrect API key provided.")
 
 
-def test_the_key_is_read_from_authorization_not_x_api_key() -> None:
-    """Only `Authorization: Bearer` is read today: an `x-api-key` header is ignored."""
+def test_x_api_key_carries_the_same_key_and_authorization_wins() -> None:
+    """The Anthropic SDKs send `x-api-key`: it maps to the same tenant as the Bearer key;
+    when both are sent, `Authorization` is the one read."""
     required = Authenticator(two_tenants(auth={"anonymous": None}))
-    assert refused(required, {"x-api-key": KEYS["team-a"]}).code == "missing_api_key"
+    assert required.authenticate({"x-api-key": KEYS["team-a"]}).tenant == "team-a"
     both = {"x-api-key": KEYS["team-b"], **bearer(KEYS["team-a"])}
     assert required.authenticate(both).tenant == "team-a"
-    optional = Authenticator(two_tenants())
-    assert optional.authenticate({"x-api-key": KEYS["team-a"]}).tenant == ANONYMOUS
+    assert refused(required, {"x-api-key": "sk-wrong"}).code == "invalid_api_key"
+    assert refused(required, {"x-api-key": ""}).code == "missing_api_key"
 
 
 # --- anonymous callers --------------------------------------------------------------------
@@ -118,7 +119,8 @@ def test_anonymous_null_requires_a_key() -> None:
     authenticator = Authenticator(two_tenants(auth={"anonymous": None}))
     error = refused(authenticator, {})
     assert error.code == "missing_api_key"
-    assert error.message == "Missing API key: send 'Authorization: Bearer <key>'."
+    expected = "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'."
+    assert error.message == expected
     assert authenticator.authenticate(bearer(KEYS["team-b"])).tenant == "team-b"
 
 
