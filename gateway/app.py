@@ -13,7 +13,7 @@ import functools
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.admin import Admin
+from gateway.api.dialect_routes import DialectRoutes
 from gateway.api.disconnect import unless_client_leaves
 from gateway.api.errors import error_response
 from gateway.api.openapi import openapi_document
 from gateway.api.reply import EVENT_STREAM, JSON, Reply
-from gateway.api.request import ParsedRequest, read_request
+from gateway.api.request import ParsedRequest, checked_request, read_json_object, read_request
 from gateway.api.schemas import RequestKind
 from gateway.api.streaming import EventStreamResponse
 from gateway.auth import Caller, tier_forbidden
@@ -37,8 +38,11 @@ from gateway.budgets.errors import QuotaExceeded
 from gateway.budgets.plan import downgrade_order
 from gateway.cache.plan import CACHE_HEADER
 from gateway.cache.replay import render_events, render_json
+from gateway.dialects import Dialect, DialectContext
+from gateway.dialects.messages import MessagesDialect
+from gateway.dialects.responses import ResponsesDialect, ResponseTranslation
 from gateway.dispatch import SHED_CODES, Dispatched
-from gateway.errors import InvalidRequest, TriageError
+from gateway.errors import InvalidRequest, TriageError, UpstreamUnavailable
 from gateway.exchange import OVERHEAD_HEADER, Exchange, new_request_id
 from gateway.policy import PolicyError, load_policy
 from gateway.router import AUTO, Decision, RouteInput
@@ -46,6 +50,7 @@ from gateway.runtime import Runtime, Stores, build_runtime
 from gateway.server import handle_signals
 from gateway.simulated import SimulatedFleet
 from gateway.slo import FirstByteTracker
+from gateway.store import StoreUnavailable
 from gateway.telemetry import RequestRecord, Telemetry
 from gateway.tokenize import Tokenizer
 from gateway.upstream import DONE_EVENT, Upstream, finish_reasons
@@ -154,15 +159,18 @@ class Gateway:
 
     # --- the request path ------------------------------------------------------------
 
-    async def generate(self, request: Request, kind: RequestKind) -> ASGIApp:
+    async def generate(
+        self, request: Request, kind: RequestKind, dialect: Dialect | None = None
+    ) -> ASGIApp:
         """The request path: admit, cache, reserve, forward. Answers every failure itself,
-        in OpenAI's shape, with the request recorded either way."""
+        in the client's API's shape (OpenAI's, or `dialect`'s), with the request recorded
+        either way."""
         runtime = self.runtime  # this request keeps this policy to the end
         headers = header_map(request)
         record = self.telemetry.start(kind, headers, new_request_id())
         exchange: Exchange | None = None
         try:
-            exchange = await self._admit(runtime, request, headers, kind, record)
+            exchange = await self._admit(runtime, request, headers, kind, record, dialect)
             hit = await self._cache_lookup(runtime, exchange, headers)
             if hit is not None:
                 await exchange.finish()
@@ -181,13 +189,13 @@ class Gateway:
         except TriageError as error:
             record.fail(error)
             self.telemetry.finish(record)
-            return error_response(error, _error_headers(record, exchange))
+            return _error_answer(error, _error_headers(record, exchange), dialect)
         except Exception as error:
-            # A bug, not a client error: answer in OpenAI's shape and still account for it.
+            # A bug, not a client error: answer in the client's shape and still account for it.
             logger.exception("unexpected error in request %s", record.request_id)
             record.fail(error)
             self.telemetry.finish(record)
-            return error_response(_internal_error(), _error_headers(record, exchange))
+            return _error_answer(_internal_error(), _error_headers(record, exchange), dialect)
 
     async def _admit(
         self,
@@ -196,20 +204,42 @@ class Gateway:
         headers: Mapping[str, str],
         kind: RequestKind,
         record: RequestRecord,
+        dialect: Dialect | None = None,
     ) -> Exchange:
-        """Parse, authenticate and route: everything decided before any state is touched."""
-        parsed = await read_request(request, kind, runtime.policy.server.max_body_bytes, headers)
-        record.requested(parsed)
-        with record.trace.span("triage.auth"):
-            caller = runtime.auth.authenticate(headers)
-        record.tenant = caller.tenant
+        """Parse, authenticate and route: everything decided before any state is touched.
+        A dialect's request is authenticated before it is translated: a stored Responses
+        conversation it continues belongs to a tenant."""
+        limit = runtime.policy.server.max_body_bytes
+        translation = None
+        if dialect is None:
+            parsed = await read_request(request, kind, limit, headers)
+            record.requested(parsed)
+            caller = self._authenticate(runtime, headers, record)
+        else:
+            body = await read_json_object(request, limit)
+            caller = self._authenticate(runtime, headers, record)
+            context = DialectContext(record.request_id, caller.tenant)
+            if isinstance(dialect, ResponsesDialect):
+                body = await _expanded(dialect, body, context, runtime)
+            parsed = checked_request(dialect.parse(body), kind, headers, dialect.name)
+            record.requested(parsed)
+            translation = dialect.translation(body, context)
         with record.trace.span("triage.route"):
             decision = self._route(runtime, parsed, caller, headers)
         record.routed(decision)
         telemetry, prices, ledger = self.telemetry, runtime.prices, runtime.ledger
         return Exchange(
-            parsed, caller, decision, record, telemetry, prices, ledger, feedback=runtime.feedback
-        )
+            parsed, caller, decision, record, telemetry, prices, ledger,
+            feedback=runtime.feedback, translation=translation,
+        )  # fmt: skip
+
+    def _authenticate(
+        self, runtime: Runtime, headers: Mapping[str, str], record: RequestRecord
+    ) -> Caller:
+        with record.trace.span("triage.auth"):
+            caller = runtime.auth.authenticate(headers)
+        record.tenant = caller.tenant
+        return caller
 
     def _route(
         self, runtime: Runtime, parsed: ParsedRequest, caller: Caller, headers: Mapping[str, str]
@@ -238,6 +268,7 @@ class Gateway:
             kind=parsed.kind,
             body=parsed.body,
             headers=client_headers,
+            dialect=parsed.dialect,
         )
         with exchange.record.trace.span("triage.cache.lookup"):
             found = await runtime.cache.lookup(plan)
@@ -256,10 +287,16 @@ class Gateway:
             exchange.record.saved_usd = saved
         exchange.overhead_header()
         headers = {**exchange.headers, "x-triage-tier": tier, "x-triage-model": entry.model}
+        translation = exchange.translation
         if parsed.stream:
-            events = render_events(entry, parsed.client_wants_usage)
-            return Reply(b"".join(events), EVENT_STREAM, headers)
-        return Reply(render_json(entry), JSON, headers)
+            events = b"".join(render_events(entry, parsed.client_wants_usage))
+            if translation is not None:
+                events = translation.events(events)
+            return Reply(events, EVENT_STREAM, headers, after=self._after(exchange, None))
+        payload = render_json(entry)
+        if translation is not None:
+            payload = translation.json(payload)
+        return Reply(payload, JSON, headers, after=self._after(exchange, None))
 
     async def _reserve(self, runtime: Runtime, exchange: Exchange) -> None:
         """Hold the worst-case cost; where the policy says so, move down a tier to fit."""
@@ -333,7 +370,15 @@ class Gateway:
                 exchange.kept = []  # to count its usage from when it ends
             exchange.overhead_header()
             events = self._relay(exchange, dispatched)
-            return EventStreamResponse(events, exchange.headers, on_close=exchange.finish)
+            translation = exchange.translation
+            if translation is None:
+                return EventStreamResponse(events, exchange.headers, on_close=exchange.finish)
+            return EventStreamResponse(
+                _translated(events, translation.events),
+                exchange.headers,
+                on_close=self._after(exchange, exchange.finish),
+                error_event=translation.error_event,
+            )
         waited = time.perf_counter()
         payload = await dispatched.read(exchange.outcome)
         exchange.upstream_s += time.perf_counter() - waited
@@ -343,8 +388,39 @@ class Gateway:
         exchange.overhead_header()
         # Commit, settle and record after the client has its answer (and its disconnect
         # watch has ended: nothing cancels this task now).
+        if exchange.translation is None:
+            finish = functools.partial(exchange.finish, shielded=False)
+            return Reply(payload, JSON, exchange.headers, after=finish)
+        answer = exchange.translation.json(payload)
         finish = functools.partial(exchange.finish, shielded=False)
-        return Reply(payload, JSON, exchange.headers, after=finish)
+        return Reply(answer, JSON, exchange.headers, after=self._after(exchange, finish))
+
+    def _after(
+        self, exchange: Exchange, finish: Callable[[], Awaitable[None]] | None
+    ) -> Callable[[], Awaitable[None]]:
+        """What runs once a dialect's answer is sent: `finish` (None for a cache hit,
+        finished already), then a Responses answer is stored for its tenant."""
+
+        async def after() -> None:
+            if finish is not None:
+                await finish()
+            if exchange.parsed.dialect == "responses":
+                await self._store_response(exchange)
+
+        return after
+
+    async def _store_response(self, exchange: Exchange) -> None:
+        translation = exchange.translation
+        assert isinstance(translation, ResponseTranslation)
+        stored = translation.stored()
+        if stored is None:
+            return
+        try:
+            await self.runtime.response_store.save(exchange.caller.tenant, stored)
+        except StoreUnavailable:
+            logger.warning(
+                "response %s not stored: the store is unavailable", exchange.record.request_id
+            )
 
     async def _relay(self, exchange: Exchange, dispatched: Dispatched) -> AsyncIterator[bytes]:
         """The stream for the client, as the cache and the usage count need it: a usage
@@ -373,7 +449,8 @@ class Gateway:
 
     async def list_models(self, request: Request) -> Response:
         policy = self.runtime.policy
-        names = [AUTO, *policy.tiers, *policy.models]
+        aliases = [name for name in policy.aliases if "*" not in name]
+        names = [AUTO, *policy.tiers, *policy.models, *aliases]
         data = [{"id": n, "object": "model", "created": 0, "owned_by": "triage"} for n in names]
         return JSONResponse({"object": "list", "data": data})
 
@@ -390,6 +467,44 @@ class Gateway:
         tiers = self.runtime.ready()
         ready = all(tiers.values())
         return JSONResponse({"ready": ready, "tiers": tiers}, status_code=200 if ready else 503)
+
+
+async def _expanded(
+    dialect: ResponsesDialect, body: dict[str, Any], context: DialectContext, runtime: Runtime
+) -> dict[str, Any]:
+    """The Responses body with the stored conversation it continues put before it."""
+    try:
+        return await dialect.expand(body, context, runtime.response_store)
+    except StoreUnavailable as exc:
+        raise UpstreamUnavailable(
+            "The response store is unavailable; retry the request.", code="store_unavailable"
+        ) from exc
+
+
+async def _translated(
+    events: AsyncIterator[bytes], translate: Callable[[bytes], bytes]
+) -> AsyncIterator[bytes]:
+    """A chat stream as a dialect's: each batch translated, empty results skipped."""
+    async with contextlib.aclosing(events):  # type: ignore[type-var]
+        async for batch in events:
+            out = translate(batch)
+            if out:
+                yield out
+
+
+def _error_answer(
+    error: TriageError, headers: dict[str, str], dialect: Dialect | None
+) -> Response:
+    """`error` in the client's API's shape: OpenAI's, or its dialect's."""
+    if dialect is None:
+        return error_response(error, headers)
+    answer = dialect.error(error)
+    return Response(
+        answer.body,
+        status_code=answer.status,
+        headers={**headers, **answer.headers},
+        media_type="application/json",
+    )
 
 
 def _internal_error() -> TriageError:
@@ -451,6 +566,11 @@ class GatewayApp(Starlette):
         "/v1/embeddings": "embeddings",
     }
 
+    DIALECTS: dict[str, Dialect] = {
+        "/v1/messages": MessagesDialect(),
+        "/v1/responses": ResponsesDialect(),
+    }
+
     def __init__(self, gateway: Gateway, **settings: Any) -> None:
         super().__init__(**settings)
         self.gateway = gateway
@@ -458,10 +578,13 @@ class GatewayApp(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            kind = self.GENERATION.get(scope["path"]) if scope["method"] == "POST" else None
-            if kind is not None:
+            post = scope["method"] == "POST"
+            kind = self.GENERATION.get(scope["path"]) if post else None
+            dialect = self.DIALECTS.get(scope["path"]) if post and kind is None else None
+            if kind is not None or dialect is not None:
                 scope["app"] = self
-                response = await self.gateway.generate(Request(scope, receive), kind)
+                request = Request(scope, receive)
+                response = await self.gateway.generate(request, kind or "chat", dialect)
                 await response(scope, receive, send)
                 return
             send = _with_overhead(send)
@@ -474,6 +597,8 @@ def build_app(policy_path: str | Path) -> Starlette:
     routes = [
         # POST never gets here (`GatewayApp.__call__`): these answer other methods 405.
         *(Route(path, _served_above, methods=["POST"]) for path in GatewayApp.GENERATION),
+        *(Route(path, _served_above, methods=["POST"]) for path in GatewayApp.DIALECTS),
+        *DialectRoutes(gateway).routes(),
         Route("/v1/models", gateway.list_models, methods=["GET"]),
         Route("/metrics", gateway.metrics, methods=["GET"]),
         Route("/openapi.json", gateway.openapi, methods=["GET"]),

@@ -33,10 +33,12 @@ from gateway.auth import Caller
 from gateway.budgets.ledger import Ledger, Reservation
 from gateway.cache.plan import CachePlan
 from gateway.cache.response_cache import Recorder
+from gateway.dialects import Translation
 from gateway.dispatch import Dispatched
 from gateway.feedback import FeedbackLog
 from gateway.policy import Price
 from gateway.pools import Pool
+from gateway.prefix import replica_id
 from gateway.replica import Replica
 from gateway.router import Decision
 from gateway.telemetry import RequestRecord, Telemetry
@@ -77,6 +79,7 @@ class Exchange:
     outcome: Outcome = field(default_factory=Outcome)
     headers: dict[str, str] = field(default_factory=dict)
     feedback: FeedbackLog | None = None
+    translation: Translation | None = None  # the client's dialect, when not chat
     upstream_s: float = 0.0  # spent waiting on the backend before the response starts
     tokenizer: Tokenizer | None = None
     kept: list[bytes] | None = None  # a stream's batches, kept when its backend reports no usage
@@ -107,6 +110,9 @@ class Exchange:
         self.headers["x-triage-model"] = pool.model
         if dispatched.hedged:
             self.headers["x-triage-hedged"] = "1"
+        if pool.expose_replica:
+            self.headers["x-triage-replica"] = replica_id(replica.url)
+        self.record.prefix_chars = dispatched.prefix_chars
         self.record.served(tier, pool.model, replica.url)
         self.record.retries = dispatched.retries
         self.record.hedges = int(dispatched.hedged)

@@ -41,7 +41,9 @@ __all__ = [
     "OnExhausted",
     "Policy",
     "PolicyError",
+    "PrefixBalancing",
     "Price",
+    "ResponsesSettings",
     "Retries",
     "Routing",
     "Rule",
@@ -254,6 +256,12 @@ class Routing(_Strict):
     feedback: FeedbackSettings | None = None
 
 
+class ResponsesSettings(_Strict):
+    """The Responses API's stored responses (`store`, `previous_response_id`)."""
+
+    store_ttl_s: float = Field(30 * 86400, gt=0)  # OpenAI keeps them 30 days
+
+
 class Breaker(_Strict):
     """Passive outlier ejection: when a replica is taken out, and how it comes back.
 
@@ -278,6 +286,20 @@ class Breaker(_Strict):
         return self
 
 
+class PrefixBalancing(_Strict):
+    """The `prefix` balancer (gateway/prefix.py): where a prompt's prefix and session went."""
+
+    chunk_chars: int = Field(256, ge=16)  # prompt characters per key of the index
+    kv_tokens: int = Field(400_000, ge=1)  # each replica's KV cache: what the index remembers
+    load_factor: float = Field(1.25, ge=1)  # no replica above this x the mean outstanding
+    min_bound: int = Field(4, ge=1)  # ... unless it has fewer outstanding than this
+    # Which session key keeps a conversation on its replica: the x-session-id header, the
+    # body's `user`, either (the header first), or none.
+    session: Literal["header", "user", "any", "none"] = "any"
+    max_sessions: int = Field(100_000, ge=1)
+    replica_header: bool = False  # answer with `x-triage-replica`, an opaque replica id
+
+
 class Server(_Strict):
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
     # Listener limits, read when the server starts (a reload does not change them).
@@ -289,9 +311,11 @@ class Server(_Strict):
     upstream_timeout_s: float = Field(600.0, gt=0)
     upstream_connections_per_replica: int = Field(256, ge=1)
     health_check_interval_s: float = Field(5.0, gt=0)
-    # slo: SLO-aware power of two choices with admission, hedging and retries. The others
-    # are the usual baselines, each request sent once, there to be compared against.
-    balancer: Literal["slo", "least_outstanding", "round_robin"] = "slo"
+    # slo: SLO-aware power of two choices with admission, hedging and retries; prefix: the
+    # same, choosing first where the prompt's prefix and session went (`prefix:` below). The
+    # others are the usual baselines, each request sent once, there to be compared against.
+    balancer: Literal["slo", "prefix", "least_outstanding", "round_robin"] = "slo"
+    prefix: PrefixBalancing = PrefixBalancing()
     metrics_interval_s: float = Field(0.25, gt=0)  # how often replicas' /metrics are read
     breaker: Breaker = Breaker()
 
@@ -411,6 +435,29 @@ class Policy(_Strict):
     tenants: dict[str, Tenant] = {}
     budgets: Budgets = Budgets()
     telemetry: TelemetrySettings = TelemetrySettings()
+    # Model names clients send (an agent's Claude or GPT name) -> `auto`, a tier or a
+    # model. A name with `*` is a pattern (`claude-*`); an exact name wins over patterns,
+    # and patterns are tried in the order written.
+    aliases: dict[str, str] = {}
+    responses: ResponsesSettings = ResponsesSettings()
+
+    def resolve_alias(self, name: str) -> str:
+        """What `name` routes as: its alias target, or itself when no alias matches."""
+        target = self.aliases.get(name)
+        if target is not None:
+            return target
+        for pattern, target in self._alias_patterns:
+            if pattern.fullmatch(name):
+                return target
+        return name
+
+    @functools.cached_property
+    def _alias_patterns(self) -> tuple[tuple[re.Pattern[str], str], ...]:
+        return tuple(
+            (re.compile(".*".join(re.escape(part) for part in name.split("*"))), target)
+            for name, target in self.aliases.items()
+            if "*" in name
+        )
 
     @property
     def default_tier(self) -> str:
@@ -586,6 +633,15 @@ def _check_references(policy: Policy, base_dir: Path | None) -> list[str]:
     for name in models:
         if name not in policy._home_tiers:
             errors.append(f"models.{name}: in no tier; add it to a tier's models or remove it")
+
+    for alias, target in policy.aliases.items():
+        if alias in models or alias in tiers or alias in RESERVED_MODEL_NAMES:
+            errors.append(f"aliases.{alias}: already names a model, a tier or 'auto'")
+        if target not in models and target not in tiers and target not in RESERVED_MODEL_NAMES:
+            errors.append(
+                f"aliases.{alias}: unknown target {target!r}: 'auto', a tier ({tier_names}) "
+                "or a model"
+            )
 
     routing = policy.routing
     if routing.default_tier is not None and routing.default_tier not in tiers:

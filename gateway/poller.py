@@ -34,7 +34,9 @@ _RECHECK_UNREPORTED_S = 60.0
 _RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs", "llamacpp:requests_processing")
 _WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs", "llamacpp:requests_deferred")
 _CACHE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
-_WANTED = frozenset(_RUNNING + _WAITING + _CACHE)
+_PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
+_PREFIX_HITS = "vllm:prefix_cache_hits_total"
+_WANTED = frozenset((*_RUNNING, *_WAITING, *_CACHE, _PREFIX_QUERIES, _PREFIX_HITS))
 
 _Probe = Literal["passed", "absent", "refused", "error", "timeout", "inconclusive"]
 
@@ -247,7 +249,8 @@ class _Schedule:
 
 
 def parse_load(text: str) -> Load | None:
-    """Running and waiting requests and KV-cache use from a Prometheus text exposition.
+    """Running and waiting requests, KV-cache use and prefix-cache counters from a
+    Prometheus text exposition.
 
     A server with several engines (data parallel, several models) reports one series per
     engine: queues add up, and the fullest cache counts. None when neither queue is there.
@@ -275,4 +278,6 @@ def parse_load(text: str) -> Load | None:
     if running is None and waiting is None:
         return None
     cache = next((peaks[n] for n in _CACHE if n in peaks), None)
-    return Load(running or 0.0, waiting or 0.0, cache)
+    return Load(
+        running or 0.0, waiting or 0.0, cache, sums.get(_PREFIX_QUERIES), sums.get(_PREFIX_HITS)
+    )

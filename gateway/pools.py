@@ -16,13 +16,14 @@ from typing import Literal
 
 from gateway.backends import DEFAULTS, Backend
 from gateway.estimators import Ewma
+from gateway.prefix import PrefixIndex, PrefixSettings
 from gateway.replica import Budget, Prediction, Replica, ReplicaSettings
 from gateway.request_view import RequestView
 
 __all__ = ["BALANCERS", "Balancer", "Pool"]
 
-Balancer = Literal["slo", "least_outstanding", "round_robin"]
-BALANCERS: tuple[Balancer, ...] = ("slo", "least_outstanding", "round_robin")
+Balancer = Literal["slo", "prefix", "least_outstanding", "round_robin"]
+BALANCERS: tuple[Balancer, ...] = ("slo", "prefix", "least_outstanding", "round_robin")
 # What an unmeasured replica is assumed to take when no replica of its pool is measured yet.
 _DEFAULT_LATENCY_S = 0.05
 # An outlier's answered-5xx rate is at least this far above its peers' (both over windows of
@@ -39,7 +40,9 @@ class Pool:
 
     `balancer` picks among available replicas: `slo` is power-of-two-choices over
     `Replica.cost` (restricted to replicas predicted to meet a budget, when one is given),
-    `least_outstanding` takes the fewest requests in flight, `round_robin` takes turns.
+    `prefix` is `slo` that first looks where the prompt's prefix and session already went
+    (`_prefix_pick`), `least_outstanding` takes the fewest requests in flight,
+    `round_robin` takes turns.
 
     Ejection on suspicion is capped (`may_eject`, after Envoy's `max_ejection_percent`),
     and a pool none of whose replicas may take a request panics (`panicking`): then every
@@ -58,6 +61,9 @@ class Pool:
     events: Ewma = field(default_factory=lambda: Ewma(30.0), repr=False)
     events_spread: Ewma = field(default_factory=lambda: Ewma(30.0), repr=False)
     _next: int = 0
+    # The prefix balancer's index; none for a pool of one replica (nothing to choose).
+    prefix: PrefixIndex | None = field(default=None, repr=False)
+    expose_replica: bool = False  # answers say which replica (`x-triage-replica`)
 
     def __post_init__(self) -> None:
         for replica in self.replicas:
@@ -75,11 +81,18 @@ class Pool:
         settings: ReplicaSettings | None = None,
         capacity: int | None = None,
         backend: Backend = DEFAULTS["vllm"],
+        prefix: PrefixSettings | None = None,
     ) -> Pool:
-        """`capacity`: each replica's sequence slots, if known before its load reports."""
+        """`capacity`: each replica's sequence slots, if known before its load reports.
+        `prefix`: the prefix balancer's settings (its defaults when None)."""
         settings = settings or ReplicaSettings()
         replicas = [Replica(url, settings=settings, capacity=capacity) for url in urls]
-        return cls(model, served_name or model, replicas, api_key, balancer, backend)
+        pool = cls(model, served_name or model, replicas, api_key, balancer, backend)
+        prefix = prefix or PrefixSettings()
+        pool.expose_replica = prefix.replica_header
+        if balancer == "prefix" and len(replicas) > 1:
+            pool.prefix = PrefixIndex(prefix)
+        return pool
 
     def pick(
         self,
@@ -90,10 +103,11 @@ class Pool:
         request: RequestView | None = None,
     ) -> Replica | None:
         """An available replica not in `exclude`; with a `budget`, only one predicted to
-        meet it (`slo` balancer only). None when there is none. `request` is what a
-        request-aware balancer would key on; today's balancers do not look at it."""
+        meet it (`slo` and `prefix` balancers). None when there is none. `request` is what
+        the `prefix` balancer keys on; the others do not look at it."""
         now = time.monotonic()
         excluded = set(exclude)
+        first = not excluded  # not a retry or a hedge
         throttled = {r for r in self.replicas if r.throttled_until > now}
         if throttled and any(
             r not in excluded and r not in throttled and r.available(now) for r in self.replicas
@@ -109,12 +123,68 @@ class Pool:
             eligible = [
                 r for r in eligible if r.predict(now, events, explore, budget.reserve).fits(budget)
             ]
+        index = self.prefix
+        if index is not None and request is not None:
+            return self._prefix_pick(now, index, eligible, request, first=first)
         if len(eligible) <= 1:
             return eligible[0] if eligible else None
+        return self._two_choices(now, eligible)
+
+    def _two_choices(self, now: float, eligible: list[Replica]) -> Replica:
         first, second = self.rng.sample(eligible, 2)
         latency = self.default_latency(now)
         cheaper = first.cost(now, latency) <= second.cost(now, latency)
         return first if cheaper else second
+
+    def _prefix_pick(
+        self,
+        now: float,
+        index: PrefixIndex,
+        eligible: list[Replica],
+        request: RequestView,
+        *,
+        first: bool,
+    ) -> Replica | None:
+        """The session's replica, else the one holding the longest prefix of the prompt
+        (ties: the cheaper), else power of two choices; always among replicas under the load
+        bound (consistent hashing with bounded loads), so a hot prefix spills over to the
+        next best. A retry or hedge (`first` False) excludes the replicas tried already, so
+        it goes to the second best; it does not move the session."""
+        for replica in self.replicas:
+            if not replica.available(now):
+                index.forget(replica.url)  # it may come back with an empty cache
+        if not eligible:
+            return None
+        settings = index.settings
+        loads = [r.outstanding(now) for r in eligible]
+        bound = max(settings.load_factor * (sum(loads) + 1) / len(eligible), settings.min_bound)
+        under = [r for r, load in zip(eligible, loads, strict=True) if load + 1 <= bound]
+        if not under:
+            under = eligible
+        keys = request.prefix_keys(settings.chunk_chars)
+        session = request.session_from(settings.session)
+        chosen: Replica | None = None
+        if session is not None:
+            url = index.session(session)
+            chosen = next((r for r in under if r.url == url), None)
+        matched = 0
+        if chosen is None and keys:
+            matches = [index.match(r.url, keys) for r in under]
+            matched = max(matches)
+            if matched:
+                best = [r for r, m in zip(under, matches, strict=True) if m == matched]
+                latency = self.default_latency(now)
+                chosen = min(best, key=lambda r: r.cost(now, latency))
+        if chosen is None:
+            chosen = under[0] if len(under) == 1 else self._two_choices(now, under)
+            matched = index.match(chosen.url, keys)
+        elif session is not None and not matched:
+            matched = index.match(chosen.url, keys)
+        index.sent(chosen.url, keys, matched)
+        request.matched[chosen.url] = matched * settings.chunk_chars
+        if session is not None and first:
+            index.stick(session, chosen.url)
+        return chosen
 
     def _round_robin(self, now: float, excluded: set[Replica]) -> Replica | None:
         count = len(self.replicas)

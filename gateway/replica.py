@@ -76,6 +76,9 @@ class Load:
     running: float
     waiting: float
     cache_usage: float | None = None  # 0..1
+    # vLLM's prefix-cache counters (prompt tokens looked up, and found cached) since it started.
+    prefix_queries: float | None = None
+    prefix_hits: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ are ever chosen: a chat prompt never reaches a tier of embedding models.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -90,6 +91,8 @@ class Router:
 
     def decide(self, route: RouteInput) -> Decision:
         policy, kind = self.policy, route.kind
+        if policy.aliases:
+            route = dataclasses.replace(route, model=policy.resolve_alias(route.model))
         if route.model in policy.models:
             served = policy.models[route.model].endpoints
             if kind not in served:

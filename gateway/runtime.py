@@ -18,11 +18,13 @@ from gateway.auth import Authenticator
 from gateway.budgets.ledger import Ledger
 from gateway.budgets.plan import tier_price
 from gateway.cache.response_cache import ResponseCache
+from gateway.dialects.response_store import ResponseStore
 from gateway.dispatch import Dispatcher, DispatchSettings, Sender, TierRules
 from gateway.feedback import FeedbackLog
 from gateway.policy import Policy, PolicyError, Price, StoreSettings, resolve_classifier_path
 from gateway.poller import Poller
 from gateway.pools import Pool
+from gateway.prefix import PrefixSettings
 from gateway.replica import ReplicaSettings
 from gateway.router import DifficultyScorer, Router
 from gateway.simulated import SimulatedFleet
@@ -36,6 +38,7 @@ __all__ = [
     "dispatch_settings",
     "feedback_log",
     "load_classifier",
+    "prefix_settings",
     "replica_settings",
 ]
 
@@ -69,6 +72,7 @@ class Runtime:
     tier_prices: Mapping[str, Price]  # per tier: what a reservation holds (`tier_price`)
     ledger: Ledger
     dispatcher: Dispatcher
+    response_store: ResponseStore
     feedback: FeedbackLog | None = None
 
     def ready(self) -> dict[str, bool]:
@@ -122,6 +126,7 @@ async def build_runtime(
             settings=replicas,
             capacity=spec.max_num_seqs,
             backend=spec.backend,
+            prefix=prefix_settings(policy),
         )
         for name, spec in policy.models.items()
     }
@@ -137,9 +142,10 @@ async def build_runtime(
     # A reload hands over settlements still queued for a store that was down.
     ledger = Ledger(store, policy, carry_over=previous.ledger if previous else None)
     auth = Authenticator(policy)
+    responses = ResponseStore(store, policy.responses.store_ttl_s)
     return Runtime(
         policy, router, pools, poller, auth, cache, prices, tier_prices, ledger, dispatcher,
-        feedback,
+        responses, feedback,
     )  # fmt: skip
 
 
@@ -170,6 +176,11 @@ def replica_settings(policy: Policy) -> ReplicaSettings:
     )
 
 
+def prefix_settings(policy: Policy) -> PrefixSettings:
+    """The prefix balancer's settings (gateway/prefix.py) from the policy's `server.prefix`."""
+    return PrefixSettings(**policy.server.prefix.model_dump())
+
+
 def dispatch_settings(policy: Policy) -> DispatchSettings:
     routing = policy.routing
     tiers = {}
@@ -184,8 +195,11 @@ def dispatch_settings(policy: Policy) -> DispatchSettings:
             shed=slo.shed,
             idempotent=tier.idempotent,
         )
+    balancer = policy.server.balancer
     return DispatchSettings(
-        balancer=policy.server.balancer,
+        # The prefix balancer only chooses replicas differently: admission, hedges and
+        # retries are the SLO balancer's.
+        balancer="slo" if balancer == "prefix" else balancer,
         tiers=tiers,
         max_attempts=routing.retries.max_attempts,
         retry_ratio=routing.retries.budget,

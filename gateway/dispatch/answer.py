@@ -58,6 +58,12 @@ class Dispatched:
     _finished: bool = field(default=False, repr=False)
 
     @property
+    def prefix_chars(self) -> int | None:
+        """Prompt characters the prefix balancer expected cached on the replica that
+        answered; None when no prefix balancer chose it."""
+        return self._job.view.matched.get(self.replica.url)
+
+    @property
     def retries(self) -> int:
         """Sends after the first that were not hedges."""
         return self._job.retries

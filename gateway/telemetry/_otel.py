@@ -236,6 +236,7 @@ def request_attributes(record: RequestRecord, operation: str) -> dict[str, Attri
         "gen_ai.operation.name": operation,
         "http.response.status_code": record.status,
         "gen_ai.request.stream": record.stream,
+        "triage.api": record.api,
         "triage.cache": record.cache,
         "triage.cost_usd": record.cost_usd,
         "triage.retries": record.retries,
@@ -251,6 +252,7 @@ def request_attributes(record: RequestRecord, operation: str) -> dict[str, Attri
         ("triage.decision_reason", record.decision_reason),
         ("triage.difficulty", record.difficulty),
         ("triage.replica", record.replica),
+        ("triage.prefix_chars", record.prefix_chars),
         ("triage.usage.source", record.usage_source),
     )
     attributes.update((key, value) for key, value in optional if value is not None)

@@ -144,6 +144,7 @@ def request_fields(record: RequestRecord, capture_content: bool) -> dict[str, An
         "operation": record.operation,
         "tenant": record.tenant,
         "requested_model": record.requested_model,
+        "api": record.api,
         "tier": record.tier,
         "model": record.model,
         "replica": record.replica,
@@ -164,6 +165,8 @@ def request_fields(record: RequestRecord, capture_content: bool) -> dict[str, An
         "retries": record.retries,
         "hedges": record.hedges,
     }
+    if record.prefix_chars is not None:
+        fields["prefix_chars"] = record.prefix_chars
     if record.finish_reasons:
         fields["finish_reasons"] = list(record.finish_reasons)
     if record.decided_tier is not None and record.decided_tier != record.tier:

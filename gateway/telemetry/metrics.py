@@ -491,6 +491,36 @@ class _PolicyCollector(Collector):
                 ejected.add_metric((model, url, reason), count)
         yield from families
         yield ejected
+        yield from _prefix_families(bound.pools)
+
+
+def _prefix_families(pools: Mapping[str, Pool]) -> Iterable[Metric]:
+    """The prefix balancer's predicted cache hits against those its replicas report: the
+    index's hit and queried prompt characters, and the sum of the replicas' last scraped
+    `vllm:prefix_cache_hits_total` and `_queries_total` (tokens)."""
+    predicted = CounterMetricFamily(
+        "triage_prefix_predicted_chars",
+        "Prompt characters the prefix balancer sent (kind=query) and expected cached on the "
+        "replica it chose (kind=hit).",
+        labels=("model", "kind"),
+    )
+    reported = CounterMetricFamily(
+        "triage_prefix_reported_tokens",
+        "Prompt tokens the pool's replicas report looked up (kind=query) and found cached "
+        "(kind=hit) in their prefix cache, as last scraped.",
+        labels=("model", "kind"),
+    )
+    for model, pool in pools.items():
+        index = pool.prefix
+        if index is not None:
+            predicted.add_metric((model, "query"), index.queried_chars)
+            predicted.add_metric((model, "hit"), index.predicted_chars)
+        loads = [r.load for r in pool.replicas if r.load and r.load.prefix_queries is not None]
+        if loads:
+            reported.add_metric((model, "query"), sum(load.prefix_queries or 0.0 for load in loads))
+            reported.add_metric((model, "hit"), sum(load.prefix_hits or 0.0 for load in loads))
+    yield predicted
+    yield reported
 
 
 def reset_multiprocess_dir(path: str | Path) -> None:

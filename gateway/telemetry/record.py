@@ -37,6 +37,7 @@ class RequestRecord:
     started_at: float = field(default_factory=time.perf_counter)
     tenant: str | None = None
     requested_model: str | None = None
+    api: str = "chat"  # the client's API: chat | messages | responses (gateway.dialects)
     stream: bool = False
     body: Mapping[str, Any] | None = field(default=None, repr=False)
     decided_tier: str | None = None  # the router's choice
@@ -63,6 +64,9 @@ class RequestRecord:
     finish_reasons: tuple[str, ...] = ()
     retries: int = 0
     hedges: int = 0
+    # Prompt characters the prefix balancer expected cached on the replica (None: not chosen
+    # by it), to compare with the backend's own prefix-cache hits.
+    prefix_chars: int | None = None
     shed: bool = False
     completion_text: str | None = field(default=None, repr=False)  # only if prompts are logged
     response_body: bytes | None = field(default=None, repr=False)  # non-streamed reply, ditto
@@ -71,6 +75,7 @@ class RequestRecord:
 
     def requested(self, parsed: ParsedRequest) -> None:
         self.requested_model = parsed.model
+        self.api = parsed.dialect
         self.stream = parsed.stream
         self.body = parsed.body
 

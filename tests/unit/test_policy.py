@@ -264,3 +264,29 @@ def test_some_tier_must_serve_chat() -> None:
         "tiers": {"embed": {"models": ["tiny-embed"]}},
     }
     assert errors_of(raw) == ["tiers: no tier serves chat; `auto` needs one to send chat to"]
+
+
+def test_aliases_resolve_exact_names_first_then_patterns_in_order() -> None:
+    raw = demo()
+    tiers = list(raw["tiers"])
+    raw["aliases"] = {
+        "claude-haiku-*": tiers[0],
+        "claude-*": "auto",
+        "claude-opus-4": tiers[-1],
+    }
+    policy = parse_policy(raw, {})
+    assert policy.resolve_alias("claude-opus-4") == tiers[-1]  # exact beats the patterns
+    assert policy.resolve_alias("claude-haiku-4-5-20251001") == tiers[0]  # first pattern
+    assert policy.resolve_alias("claude-sonnet-4-5") == "auto"
+    assert policy.resolve_alias("gpt-5") == "gpt-5"  # no alias: the name itself
+    assert policy.resolve_alias("xclaude-1") == "xclaude-1"  # patterns match whole names
+
+
+def test_alias_targets_and_names_are_checked() -> None:
+    raw = demo()
+    model = next(iter(raw["models"]))
+    raw["aliases"] = {"claude-*": "no-such-tier", model: "auto", "auto": "auto"}
+    errors = errors_of(raw)
+    assert any(e.startswith("aliases.claude-*: unknown target 'no-such-tier'") for e in errors)
+    assert f"aliases.{model}: already names a model, a tier or 'auto'" in errors
+    assert "aliases.auto: already names a model, a tier or 'auto'" in errors

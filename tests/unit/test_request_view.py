@@ -50,7 +50,7 @@ async def test_every_pick_gets_the_requests_view(balancer: Any) -> None:
     answer = await dispatcher.dispatch(DECISION, parsed, {})
     answer.finish(await _read(answer))
     (view,) = set(pool.views)
-    assert view is not None and (view.tier, view.session, view.prefix) == ("cheap", "s-9", None)
+    assert view is not None and (view.tier, view.session, view.matched) == ("cheap", "s-9", {})
     assert view.prompt_tokens == parsed.estimated_prompt_tokens() > 1
 
 

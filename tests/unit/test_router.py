@@ -244,3 +244,12 @@ def test_budget_downgrades_keep_the_endpoint() -> None:
     assert moved.candidates == (("cheap", SMALL), ("large", LARGE))
     restricted = moved.restricted_to(lambda tier: True)
     assert restricted is not None and restricted.kind == "completions"
+
+
+def test_an_alias_routes_as_its_target(policy: Policy) -> None:
+    aliased = policy.model_copy(update={"aliases": {"claude-*": "large", "gpt-5": "auto"}})
+    router = Router(aliased)
+    assert decide(router, "claude-sonnet-4-5").candidates == (("large", LARGE),)
+    assert decide(router, "gpt-5").tier == "cheap"  # auto: the default tier
+    with pytest.raises(NotFound):
+        decide(router, "gemini-3")  # neither an alias nor a name the policy knows

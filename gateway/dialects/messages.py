@@ -1,0 +1,62 @@
+"""Anthropic's Messages API as a dialect: `POST /v1/messages` read as chat completions,
+answered in Messages' shapes (`messages_request` one way, `messages_answer` the other)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from gateway.dialects import DialectContext, ErrorAnswer
+from gateway.dialects.messages_answer import MessagesTranslation, error_answer
+from gateway.dialects.messages_request import to_chat
+from gateway.errors import TriageError
+
+__all__ = ["MessagesDialect", "count_tokens_estimate"]
+
+
+class MessagesDialect:
+    """The `Dialect` for Anthropic Messages clients (the Anthropic SDKs, Claude Code)."""
+
+    name = "messages"
+
+    def parse(self, body: dict[str, Any]) -> dict[str, Any]:
+        return to_chat(body)
+
+    def parse_count_tokens(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A `count_tokens` request (a Messages request without `max_tokens`), checked,
+        as the chat body whose prompt `count_tokens_estimate` counts."""
+        return to_chat(body, require_max_tokens=False)
+
+    def translation(self, body: Mapping[str, Any], context: DialectContext) -> MessagesTranslation:
+        stops = body.get("stop_sequences")
+        stop_sequences = [s for s in stops if isinstance(s, str)] if isinstance(stops, list) else []
+        return MessagesTranslation(f"msg_{context.request_id}", stop_sequences)
+
+    def error(self, error: TriageError) -> ErrorAnswer:
+        return error_answer(error)
+
+
+def count_tokens_estimate(chat_body: Mapping[str, Any]) -> int:
+    """Input tokens of a translated body by the gateway's own estimate: characters / 4 + 1,
+    as `ParsedRequest.estimated_prompt_tokens` counts, over the messages' text, the
+    assistant turns' tool calls and the tool definitions (which a template renders into
+    the prompt too). Images count nothing, as there."""
+    chars = 0
+    for message in chat_body.get("messages") or ():
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+        reasoning = message.get("reasoning")
+        if isinstance(reasoning, str):
+            chars += len(reasoning)
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") or {}
+            chars += len(function.get("name") or "") + len(function.get("arguments") or "")
+    tools = chat_body.get("tools")
+    if tools:
+        chars += len(orjson.dumps(tools))
+    return chars // 4 + 1

@@ -1,0 +1,142 @@
+"""The prefix balancer on real sims: sessions stay, hot prefixes spill, ejected replicas'
+sessions move, and the sims' own prefix-cache hits rise against round robin."""
+
+from __future__ import annotations
+
+import collections
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.prefix import replica_id
+from tests.integration.conftest import (
+    SMALL,
+    Service,
+    Services,
+    metric,
+    request_line,
+    start_gateway,
+    start_sim,
+)
+
+FAST = ("--ttft-ms", "1", "--itl-ms", "1", "--prefill-ms-per-token", "0", "--jitter", "0")
+
+
+def system(name: str) -> str:
+    return f"You are the assistant of tenant {name}. " * 200  # ~8k characters
+
+
+def policy(urls: list[str], balancer: str) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "server": {
+            "balancer": balancer,
+            "upstream_timeout_s": 10,
+            "health_check_interval_s": 0.2,
+            "prefix": {"replica_header": True},
+        },
+        "models": {SMALL: {"replicas": urls}},
+        "tiers": {"cheap": {"models": [SMALL]}},
+        "cache": {"enabled": False},
+    }
+
+
+def ask(gateway: Service, messages: list[dict[str, str]], **extra: Any) -> httpx.Response:
+    body = {"model": "auto", "messages": messages, "max_tokens": 4, **extra.pop("body", {})}
+    response = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=20, **extra)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def prefix_hits(sims: list[Service]) -> tuple[float, float]:
+    hits = queries = 0.0
+    for sim in sims:
+        for line in httpx.get(sim.url[:-3] + "/metrics", timeout=5).text.splitlines():
+            if line.startswith("vllm:prefix_cache_hits_total"):
+                hits += float(line.split()[-1])
+            elif line.startswith("vllm:prefix_cache_queries_total"):
+                queries += float(line.split()[-1])
+    return hits, queries
+
+
+@pytest.fixture(scope="module")
+def sims(log_dir: Path, services: Services) -> list[Service]:
+    return [services(start_sim(log_dir, "small", *FAST, "--seed", str(i))) for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def gateway(log_dir: Path, services: Services, sims: list[Service]) -> Service:
+    return services(start_gateway(log_dir, policy([s.url for s in sims], "prefix")))
+
+
+def test_the_turns_of_a_session_land_on_one_replica(gateway: Service) -> None:
+    messages = [{"role": "system", "content": "short"}]
+    replicas = []
+    for turn in range(6):
+        messages.append({"role": "user", "content": f"turn {turn} " * 30})
+        answer = ask(gateway, messages, headers={"x-session-id": "conversation-1"})
+        replicas.append(answer.headers["x-triage-replica"])
+        messages.append(
+            {"role": "assistant", "content": answer.json()["choices"][0]["message"]["content"]}
+        )
+    assert len(set(replicas)) == 1
+    line = request_line(gateway, answer.headers["x-triage-request-id"])
+    assert line["prefix_chars"] > 0  # the conversation so far was expected cached there
+
+
+def test_the_sims_hit_their_prefix_cache_more_than_under_round_robin(
+    log_dir: Path, services: Services, sims: list[Service], gateway: Service
+) -> None:
+    robin = services(start_gateway(log_dir, policy([s.url for s in sims], "round_robin")))
+    rates = {}
+    for name, target in (("round_robin", robin), ("prefix", gateway)):
+        before = prefix_hits(sims)
+        for tenant in range(3):  # each tenant's requests in a row: round robin spreads them
+            for n in range(4):
+                messages = [
+                    {"role": "system", "content": system(f"{name}-{tenant}")},
+                    {"role": "user", "content": f"question {n}"},
+                ]
+                ask(target, messages)
+        after = prefix_hits(sims)
+        rates[name] = (after[0] - before[0]) / (after[1] - before[1])
+    assert rates["round_robin"] < 0.1
+    assert rates["prefix"] > 0.5
+    assert metric(gateway, "triage_prefix_predicted_chars_total", kind="hit") > 0
+
+
+def test_a_hot_prefix_spills_over_at_the_load_bound(
+    log_dir: Path, services: Services, sims: list[Service]
+) -> None:
+    slow = [
+        services(start_sim(log_dir, "small", "--itl-ms", "40", "--jitter", "0")) for _ in range(4)
+    ]
+    gateway = services(start_gateway(log_dir, policy([s.url for s in slow], "prefix")))
+    messages = [{"role": "system", "content": system("hot")}, {"role": "user", "content": "q"}]
+    ask(gateway, messages)  # the prefix is now on one replica
+
+    def one(n: int) -> str:
+        body = {"max_tokens": 30, "messages": [*messages[:1], {"role": "user", "content": f"q{n}"}]}
+        return ask(gateway, [], body=body).headers["x-triage-replica"]
+
+    with ThreadPoolExecutor(12) as pool:
+        chosen = collections.Counter(pool.map(one, range(12)))
+    assert len(chosen) >= 2  # it spilled over
+    assert max(chosen.values()) < 12
+
+
+def test_an_ejected_replicas_session_moves_without_errors(
+    gateway: Service, sims: list[Service]
+) -> None:
+    messages = [{"role": "system", "content": "short"}, {"role": "user", "content": "hello"}]
+    headers = {"x-session-id": "conversation-2"}
+    first = ask(gateway, messages, headers=headers).headers["x-triage-replica"]
+    # Stop the sim the session is on (the header is opaque: recompute each sim's id).
+    victim = next(s for s in sims if replica_id(s.url) == first)
+    victim.stop()
+    moved = ask(gateway, messages, headers=headers).headers["x-triage-replica"]
+    assert moved != first
+    assert ask(gateway, messages, headers=headers).headers["x-triage-replica"] == moved

@@ -1,0 +1,184 @@
+"""The prefix index (gateway/prefix.py) and the prefix balancer (`Pool.pick`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from gateway.api.hints import read_hints
+from gateway.api.request import ParsedRequest
+from gateway.pools import Pool
+from gateway.prefix import PrefixIndex, PrefixSettings, chunk_keys, render_chat, replica_id
+from gateway.replica import Replica
+from gateway.request_view import RequestView, session_key
+
+SYSTEM = "You are a careful assistant. " * 40  # ~1.1k characters, 4 chunks of 256
+
+
+def chat(*contents: str, system: str = SYSTEM, **extra: Any) -> dict[str, Any]:
+    messages = [{"role": "system", "content": system}]
+    messages += [{"role": "user", "content": content} for content in contents]
+    return {"model": "m", "messages": messages, **extra}
+
+
+def view(body: dict[str, Any], headers: dict[str, str] | None = None) -> RequestView:
+    parsed = ParsedRequest("chat", body, "auto", False, False, read_hints(headers or {}))
+    return RequestView("t", parsed, session_key(parsed))
+
+
+def pool(count: int = 4, **settings: Any) -> Pool:
+    urls = [f"http://r{i}:8000/v1" for i in range(count)]
+    return Pool.from_urls(
+        "m", urls, None, None, balancer="prefix", prefix=PrefixSettings(**settings)
+    )
+
+
+# --- keys and rendering ----------------------------------------------------------------------
+
+
+def test_keys_chain_so_a_shared_prefix_shares_its_keys_and_nothing_after_a_change() -> None:
+    a = chunk_keys("x" * 100 + "a" * 100 + "z" * 100, 50)
+    b = chunk_keys("x" * 100 + "b" * 100 + "z" * 100, 50)
+    assert len(a) == 6
+    assert a[:2] == b[:2]
+    assert all(x != y for x, y in zip(a[2:], b[2:], strict=True))  # chained: the tail differs too
+    assert chunk_keys("x" * 49, 50) == []  # no partial chunk
+
+
+def test_render_puts_system_then_tools_then_the_conversation_and_a_turn_only_appends() -> None:
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    first = chat("hello", tools=tools)
+    text = render_chat(first)
+    assert text.index(SYSTEM) < text.index('"name":"f"') < text.index("hello")
+    following = {**first, "messages": [*first["messages"], {"role": "assistant", "content": "hi"}]}
+    assert render_chat(following).startswith(text)
+    assert render_chat({"prompt": "abc"}) == "abc"
+    assert render_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}]})
+
+
+def test_replica_id_is_opaque_and_stable() -> None:
+    assert replica_id("http://10.0.0.1:8000/v1") == replica_id("http://10.0.0.1:8000/v1")
+    assert "10.0.0.1" not in replica_id("http://10.0.0.1:8000/v1")
+
+
+# --- the index -------------------------------------------------------------------------------
+
+
+def test_match_is_the_longest_run_of_leading_keys_sent_there() -> None:
+    index = PrefixIndex(PrefixSettings(chunk_chars=16))
+    keys = chunk_keys("abcdefghijklmnop" * 20, 16)
+    index.sent("r1", keys[:12], 0)
+    assert index.match("r1", keys) == 12
+    assert index.match("r2", keys) == 0
+    assert index.match("r1", chunk_keys("zzzzzzzzzzzzzzzz" * 4, 16)) == 0
+
+
+def test_capacity_bounds_each_replica_and_forgets_tails_before_prefixes() -> None:
+    settings = PrefixSettings(chunk_chars=16, kv_tokens=40)  # 40 x 4 / 16 = 10 keys
+    index = PrefixIndex(settings)
+    assert index.capacity == 10
+    shared = "s" * 16 * 6
+    first = chunk_keys(shared + "a" * 16 * 4, 16)
+    index.sent("r", first, 0)
+    second = chunk_keys(shared + "b" * 16 * 4, 16)
+    index.sent("r", second, 6)
+    assert len(index) == 10
+    # The first prompt's own tail went; the shared prefix, used since, is still there.
+    assert index.match("r", second) == 10
+    assert index.match("r", first) == 6
+
+
+def test_memory_stays_bounded_under_a_long_run_of_distinct_prompts() -> None:
+    settings = PrefixSettings(chunk_chars=64, kv_tokens=4_000, max_sessions=50)
+    balanced = Pool.from_urls(
+        "m", [f"http://r{i}/v1" for i in range(4)], None, None, balancer="prefix", prefix=settings
+    )
+    index = balanced.prefix
+    assert index is not None
+    for n in range(3_000):
+        body = chat(f"question {n}", system=f"tenant {n} " * 80)
+        assert balanced.pick(request=view(body, {"x-session-id": f"s{n}"})) is not None
+    assert len(index) <= 4 * index.capacity
+    assert index.sessions == 50
+    assert index.queried_chars > 0
+
+
+# --- the balancer ----------------------------------------------------------------------------
+
+
+def test_a_shared_prefix_goes_back_where_it_went_and_the_match_is_recorded() -> None:
+    p = pool()
+    first = view(chat("one"))
+    replica = p.pick(request=first)
+    assert replica is not None
+    for n in range(10):  # one at a time: under the bound
+        again = view(chat(f"other question {n}"))
+        assert p.pick(request=again) is replica
+        assert again.matched[replica.url] >= len(SYSTEM) // 256 * 256
+
+
+def test_a_hot_prefix_spills_over_at_the_load_bound() -> None:
+    p = pool(4, min_bound=1, load_factor=1.25)
+    chosen: list[Replica] = []
+    for n in range(8):
+        replica = p.pick(request=view(chat(f"q{n}")))
+        assert replica is not None
+        replica.begin(time.monotonic())  # still in flight
+        chosen.append(replica)
+    # No replica ever went above 1.25 x the mean outstanding (+ the new request).
+    counts = [r.in_flight for r in p.replicas]
+    assert max(counts) <= 2.5
+    assert len(set(chosen)) == 4
+    # Finished, the prefix goes back to where it is cached (the first replica it went to).
+    for replica in chosen:
+        replica.end(False)
+    assert p.pick(request=view(chat("later"))) in set(chosen)
+
+
+def test_a_session_stays_on_its_replica_while_healthy_then_moves() -> None:
+    p = pool()
+    headers = {"x-session-id": "conv-1"}
+    replica = p.pick(request=view(chat("turn 1", system="short"), headers))
+    assert replica is not None
+    for turn in range(2, 8):
+        assert p.pick(request=view(chat(f"turn {turn}", system="short"), headers)) is replica
+    replica.mark_down(time.monotonic())  # ejected
+    moved = p.pick(request=view(chat("turn 8", system="short"), headers))
+    assert moved is not None and moved is not replica
+    assert p.prefix is not None and p.prefix.match(replica.url, [1]) == 0
+    assert p.pick(request=view(chat("turn 9", system="short"), headers)) is moved
+
+
+def test_the_session_source_is_the_policys_choice() -> None:
+    p = pool(session="header")
+    body = chat("x", system="s", user="alice")
+    assert view(body).session_from("header") is None
+    assert view(body).session_from("user") == "alice"
+    assert view(body, {"x-session-id": "h"}).session_from("any") == "h"
+    assert view(body).session_from("none") is None
+    assert p.pick(request=view(body)) is not None
+    assert p.prefix is not None and p.prefix.sessions == 0  # `user` is not trusted here
+
+
+def test_a_hedge_or_retry_goes_to_the_second_best_and_does_not_move_the_session() -> None:
+    p = pool()
+    headers = {"x-session-id": "c"}
+    best = p.pick(request=view(chat("a"), headers))
+    assert best is not None
+    request = view(chat("b"), headers)
+    assert p.pick(request=request) is best
+    second = p.pick([best], request=request)
+    assert second is not None and second is not best
+    assert p.pick(request=view(chat("c"), headers)) is best
+
+
+def test_one_replica_computes_nothing() -> None:
+    single = Pool.from_urls("m", ["http://r/v1"], None, None, balancer="prefix")
+    assert single.prefix is None
+    request = view(chat("a"))
+    assert single.pick(request=request) is single.replicas[0]
+    assert request.matched == {} and request._keys == {}
+
+
+def test_other_balancers_have_no_index() -> None:
+    assert Pool.from_urls("m", ["http://a/v1", "http://b/v1"], None, None).prefix is None
