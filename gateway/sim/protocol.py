@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import orjson
 
+from gateway.sim.agent import AgentAsk, chat_agent_ask
 from gateway.sim.quirks import QUIRKS, Quirks
 from gateway.sim.tokens import count_tokens
 
@@ -70,6 +72,8 @@ class SimRequest:
     stream: bool
     include_usage: bool
     n: int = 1
+    # Tools and reasoning asked for (chat only); None for a plain completion.
+    agent: AgentAsk | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +102,13 @@ def parse_chat_request(body: dict[str, object], quirks: Quirks = _VLLM) -> SimRe
         prompt, prompt_tokens = "", 0  # llama-cpp-python: `messages` defaults to []
     else:
         prompt, prompt_tokens = chat_prompt(messages, body.get("tools"))
-    return _sim_request("chat", body, prompt, prompt_tokens, quirks)
+    request = _sim_request("chat", body, prompt, prompt_tokens, quirks)
+    try:
+        agent = chat_agent_ask(body, messages)
+    except ValueError as exc:
+        param = str(exc).split(":", 1)[0]
+        raise SimRequestError(str(exc), param=param) from exc
+    return dataclasses.replace(request, agent=agent) if agent is not None else request
 
 
 def parse_completion_request(body: dict[str, object], quirks: Quirks = _VLLM) -> SimRequest:
@@ -196,7 +206,13 @@ def chat_prompt(messages: object, tools: object = None) -> tuple[str, int]:
                 f"messages[{index}] must be an object with a string role",
                 param=f"messages[{index}]",
             )
-        turns.append((role, _content_text(message.get("content"), index)))
+        text = _content_text(message.get("content"), index)
+        calls = message.get("tool_calls")
+        if isinstance(calls, list) and calls:
+            # Templates render an assistant's tool calls into the prompt, as JSON here.
+            rendered = orjson.dumps(calls).decode()
+            text = f"{text}\n{rendered}" if text else rendered
+        turns.append((role, text))
     if isinstance(tools, list) and tools:
         system = next((i for i, (role, _) in enumerate(turns) if role != "system"), len(turns))
         turns.insert(system, ("tools", orjson.dumps(tools).decode()))

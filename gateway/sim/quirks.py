@@ -59,6 +59,30 @@ Where each fact was read (snapshots of 2025-2026):
   `invalid_request_error` with `param` and a string `code`; 404 `model_not_found`). No
   health, metrics or tokenize endpoint.
 
+Agent APIs (`native_apis`: the Anthropic Messages and OpenAI Responses endpoints the kind
+serves besides chat; `reasoning_field`: the chat message and delta field of reasoning text):
+
+- vllm: both. `vllm/entrypoints/anthropic/api_router.py` (POST /v1/messages and
+  /v1/messages/count_tokens), `vllm/entrypoints/openai/responses/` (POST /v1/responses).
+  Reasoning is `reasoning`: `ChatMessage` (`vllm/entrypoints/openai/chat_completion/
+  protocol.py`) and `DeltaMessage` (`vllm/entrypoints/generate/base/protocol.py`) have no
+  other field. vLLM renamed `reasoning_content` to `reasoning` in PR #27752 (RFC #27755,
+  2025-10), sending both for a while, then dropped the old name (0.17, PR #36730, as
+  run-llama/llama_index PR #21076 reports). The sim sends what current vLLM sends, so a
+  gateway reading only the old name fails against it, as it would against vLLM.
+- sglang: /v1/responses (`python/sglang/srt/entrypoints/openai/serving_responses.py`), no
+  /v1/messages; reasoning in `reasoning_content`.
+- llama_cpp: /v1/messages and /v1/messages/count_tokens (ggml-org/llama.cpp PR #17570,
+  merged 2025-11-28); no /v1/responses (feature request #19138, open); reasoning in
+  `reasoning_content`.
+- ollama: both, `server/routes.go` (`/v1/responses` via `ResponsesMiddleware`, `/v1/messages`
+  via `AnthropicMessagesMiddleware`, PR #13600, v0.14); reasoning in `reasoning`.
+- llama_cpp_python: neither, and no reasoning parser. openai (hosted): /v1/responses only,
+  and Chat Completions never returns reasoning text.
+
+Where a kind serves an agent API the sim answers in vLLM's shapes (gateway/sim/messages.py,
+gateway/sim/responses.py): the endpoint exists, its details are vLLM's.
+
 Non-streamed answers: every one of these sends headers only with the whole body (a FastAPI
 `JSONResponse`, a Go `json.Encoder` write, llama.cpp's non-stream result); the sim does too.
 """
@@ -79,6 +103,7 @@ __all__ = [
     "ErrorStyle",
     "MetricsStyle",
     "NHandling",
+    "NativeApi",
     "Quirks",
     "TokenizeStyle",
     "quirks_from_name",
@@ -89,6 +114,7 @@ MetricsStyle = Literal["vllm", "sglang", "llama_cpp"]
 TokenizeStyle = Literal["vllm", "sglang", "llama_cpp", "llama_cpp_python"]
 NHandling = Literal["supported", "ignored", "refused"]
 ContextCheck = Literal["prompt_and_output", "prompt_only", "none"]
+NativeApi = Literal["messages", "responses"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +128,8 @@ class Quirks:
     `context_check`: what must fit the context window (prompt and max_tokens, the prompt only,
     or nothing: the server truncates). `stream_headers_at_first_token`: a stream's headers wait
     for prefill. `null_usage_in_chunks`: with include_usage, chunks carry `"usage": null`.
+    `native_apis`: the agent APIs served besides chat; `reasoning_field`: where a chat answer
+    carries reasoning text (None: the kind never separates it).
     """
 
     name: str
@@ -125,6 +153,8 @@ class Quirks:
     echo_model: bool
     context_check: ContextCheck
     stream_headers_at_first_token: bool
+    native_apis: frozenset[NativeApi] = frozenset()
+    reasoning_field: str | None = "reasoning"
 
     def error_body(
         self, status: int, message: str, type: str, param: str | None, code: str | None
@@ -208,6 +238,7 @@ _VLLM = Quirks(
     echo_model=False,
     context_check="prompt_and_output",
     stream_headers_at_first_token=False,
+    native_apis=frozenset({"messages", "responses"}),
 )
 
 QUIRKS: Mapping[str, Quirks] = MappingProxyType(
@@ -235,6 +266,8 @@ QUIRKS: Mapping[str, Quirks] = MappingProxyType(
             echo_model=True,
             context_check="prompt_and_output",
             stream_headers_at_first_token=False,
+            native_apis=frozenset({"responses"}),
+            reasoning_field="reasoning_content",
         ),
         "llama_cpp": Quirks(
             name="llama_cpp",
@@ -258,6 +291,8 @@ QUIRKS: Mapping[str, Quirks] = MappingProxyType(
             echo_model=True,
             context_check="prompt_only",
             stream_headers_at_first_token=True,
+            native_apis=frozenset({"messages"}),
+            reasoning_field="reasoning_content",
         ),
         "llama_cpp_python": Quirks(
             name="llama_cpp_python",
@@ -281,6 +316,7 @@ QUIRKS: Mapping[str, Quirks] = MappingProxyType(
             echo_model=True,
             context_check="prompt_only",
             stream_headers_at_first_token=False,
+            reasoning_field=None,
         ),
         "ollama": Quirks(
             name="ollama",
@@ -304,6 +340,7 @@ QUIRKS: Mapping[str, Quirks] = MappingProxyType(
             echo_model=True,
             context_check="none",
             stream_headers_at_first_token=True,
+            native_apis=frozenset({"messages", "responses"}),
         ),
         "openai": Quirks(
             name="openai",
@@ -327,6 +364,8 @@ QUIRKS: Mapping[str, Quirks] = MappingProxyType(
             echo_model=False,
             context_check="prompt_and_output",
             stream_headers_at_first_token=False,
+            native_apis=frozenset({"responses"}),
+            reasoning_field=None,
         ),
     }
 )

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Generator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -17,8 +19,10 @@ from gateway.sim.asgi import SERVER_SEND_KEY
 from gateway.sim.completions import CompletionEndpoint
 from gateway.sim.embeddings import EmbeddingsEndpoint
 from gateway.sim.faults import FaultConfig
+from gateway.sim.messages import MessagesEndpoint, count_tokens_endpoint
 from gateway.sim.profile import SimProfile
 from gateway.sim.quirks import Quirks
+from gateway.sim.responses import ResponsesEndpoint
 from gateway.sim.service import SimService
 
 __all__ = ["RunningSim", "build_sim_app", "serve_sim", "start_sim_server"]
@@ -40,7 +44,8 @@ def build_sim_app(
     """An OpenAI server simulating one GPU replica; its state is `app.state.sim`.
 
     It behaves as vLLM does unless `quirks` names another kind of server: then only that
-    server's health, metrics and tokenize endpoints exist, and its errors look like its own.
+    server's health, metrics, tokenize and agent (Messages, Responses) endpoints exist, and its
+    errors look like its own.
     """
     service = SimService(profile, faults, quirks)
     quirks = service.quirks
@@ -51,6 +56,11 @@ def build_sim_app(
         Route("/v1/models", service.models),
         *[Route(path, service.tokenize, methods=["POST"]) for path in quirks.tokenize_paths],
     ]
+    if "messages" in quirks.native_apis:
+        routes.append(Route("/v1/messages", MessagesEndpoint(service), methods=["POST"]))
+        routes.append(Route("/v1/messages/count_tokens", _count_tokens(service), methods=["POST"]))
+    if "responses" in quirks.native_apis:
+        routes.append(Route("/v1/responses", ResponsesEndpoint(service), methods=["POST"]))
     if quirks.health_path is not None:
         routes.append(Route(quirks.health_path, service.health))
     if quirks.metrics is not None or quirks.metrics_off_status != 404:
@@ -65,6 +75,13 @@ def build_sim_app(
     app = _SimApp(routes=routes)
     app.state.sim = service
     return app
+
+
+def _count_tokens(service: SimService) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        return await count_tokens_endpoint(service, request)
+
+    return endpoint
 
 
 def _service(app: Starlette) -> SimService:

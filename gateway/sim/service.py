@@ -121,9 +121,17 @@ class SimService:
     # -- answering --------------------------------------------------------------------------
 
     async def accept(
-        self, receive: Receive, send: Send, parse: Callable[[dict[str, object]], _RequestT]
+        self,
+        receive: Receive,
+        send: Send,
+        parse: Callable[[dict[str, object]], _RequestT],
+        *,
+        error_shape: Callable[[int, SimRequestError], bytes] | None = None,
     ) -> _RequestT | None:
-        """Read, record and validate one inference request; None once it has been answered."""
+        """Read, record and validate one inference request; None once it has been answered.
+
+        `error_shape` shapes the refusal for endpoints of another API (Anthropic's Messages).
+        """
         self.stats.requests_total += 1
         raw = await read_body(receive)
         if raw is None:
@@ -135,11 +143,18 @@ class SimService:
             request = parse(body)
             self.check_model(request.model)
         except SimRequestError as error:
-            await self.send_error(send, error)
+            await self.send_error(send, error, error_shape=error_shape)
             return None
         return request
 
-    async def send_error(self, send: Send, error: SimRequestError, *, fault: bool = False) -> None:
+    async def send_error(
+        self,
+        send: Send,
+        error: SimRequestError,
+        *,
+        fault: bool = False,
+        error_shape: Callable[[int, SimRequestError], bytes] | None = None,
+    ) -> None:
         """Answer `error` with the status and body the server kind would.
 
         Injected faults keep OpenAI's shape whatever the kind: they stand for whatever sits
@@ -152,9 +167,12 @@ class SimService:
         else:
             if error.validation and status == 400:
                 status = self.quirks.validation_status
-            body = self.quirks.error_body(
-                status, error.message, error.type, error.param, error.code
-            )
+            if error_shape is not None:
+                body = error_shape(status, error)
+            else:
+                body = self.quirks.error_body(
+                    status, error.message, error.type, error.param, error.code
+                )
         await send_json(send, status, body, error.headers)
 
     async def inject_fault(

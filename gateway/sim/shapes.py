@@ -7,11 +7,13 @@ from typing import Literal
 
 import orjson
 
+from gateway.sim.agent import AgentAnswer
 from gateway.sim.engine import CompletionPlan
 
 __all__ = [
     "DONE_EVENT",
     "ChunkFormatter",
+    "chat_usage",
     "completion_body",
     "embeddings_body",
     "error_body",
@@ -37,24 +39,34 @@ def usage(plan: CompletionPlan, *more: CompletionPlan) -> dict[str, int]:
     }
 
 
+def chat_usage(answers: Sequence[AgentAnswer]) -> dict[str, object]:
+    """Usage of a chat answer; reasoning tokens (counted in completion_tokens) as vLLM details
+    them (`completion_tokens_details.reasoning_tokens`) when there were any."""
+    body: dict[str, object] = dict(usage(*(answer.plan for answer in answers)))
+    reasoning = sum(answer.reasoning_tokens for answer in answers)
+    if reasoning:
+        body["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return body
+
+
 def completion_body(
     *,
     endpoint: Literal["chat", "completion"],
     request_id: str,
     created: int,
     model: str,
-    plan: CompletionPlan,
-    more: Sequence[CompletionPlan] = (),
+    answers: Sequence[AgentAnswer],
+    reasoning_field: str | None = "reasoning",
 ) -> bytes:
-    """A whole (non-streamed) chat or text completion; `more` are the choices after the first."""
+    """A whole (non-streamed) chat or text completion, one choice per answer."""
     choices: list[dict[str, object]] = []
-    for index, each in enumerate((plan, *more)):
+    for index, answer in enumerate(answers):
         if endpoint == "chat":
             choices.append(
                 {
                     "index": index,
-                    "message": {"role": "assistant", "content": each.text},
-                    "finish_reason": each.finish_reason,
+                    "message": _chat_message(answer, reasoning_field),
+                    "finish_reason": answer.finish_reason,
                     "logprobs": None,
                 }
             )
@@ -62,8 +74,8 @@ def completion_body(
             choices.append(
                 {
                     "index": index,
-                    "text": each.text,
-                    "finish_reason": each.finish_reason,
+                    "text": answer.plan.text,
+                    "finish_reason": answer.finish_reason,
                     "logprobs": None,
                 }
             )
@@ -74,17 +86,37 @@ def completion_body(
             "created": created,
             "model": model,
             "choices": choices,
-            "usage": usage(plan, *more),
+            "usage": chat_usage(answers),
         }
     )
 
 
-class ChunkFormatter:
-    """Builds the SSE events of one streamed response; all share its id and `created`.
+def _chat_message(answer: AgentAnswer, reasoning_field: str | None) -> dict[str, object]:
+    message: dict[str, object] = {"role": "assistant", "content": answer.message_content}
+    reasoning = answer.reasoning
+    if reasoning is not None and reasoning_field is not None:
+        message[reasoning_field] = reasoning
+    call = answer.tool_call
+    if call is not None:
+        message["tool_calls"] = [
+            {
+                "id": call.call_id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+        ]
+    return message
 
-    With `include_usage`, `finish` adds a last chunk with no choices and the usage, as OpenAI
-    does; with `null_usage` too, every other chunk carries `"usage": null` (OpenAI and vLLM do,
-    llama.cpp and Ollama leave the key out).
+
+class ChunkFormatter:
+    """Builds the SSE events of one streamed chat or text completion (its `StreamShape`).
+
+    Every chunk shares the response's id and `created`. Reasoning tokens go out as
+    `delta.<reasoning_field>`, then text as `delta.content`, or a tool call as vLLM's tool
+    parsers stream it: a delta with the call's id, type and name, then the arguments in pieces.
+    With `include_usage`, the closing events add a last chunk with no choices and the usage, as
+    OpenAI does; with `null_usage` too, every other chunk carries `"usage": null` (OpenAI and
+    vLLM do, llama.cpp and Ollama leave the key out).
     """
 
     def __init__(
@@ -94,12 +126,23 @@ class ChunkFormatter:
         request_id: str,
         created: int,
         model: str,
+        answers: Sequence[AgentAnswer],
         include_usage: bool,
         null_usage: bool = True,
+        reasoning_field: str | None = "reasoning",
     ) -> None:
         self._chat = endpoint == "chat"
+        self._answers = answers
         self._include_usage = include_usage
         self._null_usage = include_usage and null_usage
+        self._reasoning_field = reasoning_field
+        # One chat choice of text alone: its tokens, for the per-token fast path.
+        single = answers[0] if len(answers) == 1 else None
+        self._plain = (
+            single.plan.tokens
+            if self._chat and single and not single.reasoning_tokens and not single.tool_call
+            else None
+        )
         self._head: dict[str, object] = {
             "id": request_id,
             "object": "chat.completion.chunk" if self._chat else "text_completion",
@@ -107,27 +150,67 @@ class ChunkFormatter:
             "model": model,
         }
 
-    def first(self, choices: int = 1) -> bytes:
+    def opening(self) -> bytes:
         """The events that open the answer: the assistant role for chat, nothing otherwise."""
         if not self._chat:
             return b""
         opening: dict[str, object] = {"role": "assistant", "content": ""}
-        return b"".join(self._event(self._choice(opening, None, i)) for i in range(choices))
+        return b"".join(
+            self._event(self._choice(opening, None, i)) for i in range(len(self._answers))
+        )
 
-    def token(self, text: str, index: int = 0) -> bytes:
-        content: dict[str, object] = {"content": text}
-        return self._event(self._choice(content, None, index, text=text))
+    def step(self, position: int) -> bytes:
+        """One token of each choice still generating."""
+        plain = self._plain
+        if plain is not None:  # the common case, at the cost of the plain chunk alone
+            if position >= len(plain):
+                return b""
+            delta = {"content": plain[position]}
+            return self._event(
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            )
+        answers = self._answers
+        return b"".join(
+            self._token(answer, position, index)
+            for index, answer in enumerate(answers)
+            if position < answer.plan.completion_tokens
+        )
 
-    def finish(self, plan: CompletionPlan, more: Sequence[CompletionPlan] = ()) -> bytes:
+    def closing(self, cached_tokens: int = 0) -> bytes:
         """The closing events: finish reasons, then the usage chunk if asked, then [DONE]."""
         events = [
-            self._event(self._choice({}, each.finish_reason, index, text=""))
-            for index, each in enumerate((plan, *more))
+            self._event(self._choice({}, answer.finish_reason, index, text=""))
+            for index, answer in enumerate(self._answers)
         ]
         if self._include_usage:
-            events.append(_sse({**self._head, "choices": [], "usage": usage(plan, *more)}))
+            events.append(_sse({**self._head, "choices": [], "usage": chat_usage(self._answers)}))
         events.append(DONE_EVENT)
         return b"".join(events)
+
+    def _token(self, answer: AgentAnswer, position: int, index: int) -> bytes:
+        text = answer.plan.tokens[position]
+        if not self._chat:
+            return self._event(self._choice({}, None, index, text=text))
+        if position >= answer.reasoning_tokens and answer.tool_call is None:
+            return self._event(self._choice({"content": text}, None, index))
+        if position < answer.reasoning_tokens:
+            if answer.reasoning is None or self._reasoning_field is None:
+                return b""  # spent but not shown, as vLLM with include_reasoning false
+            return self._event(self._choice({self._reasoning_field: text}, None, index))
+        call = answer.tool_call
+        assert call is not None
+        arguments = {"index": 0, "function": {"arguments": text}}
+        if position > answer.reasoning_tokens:
+            return self._event(self._choice({"tool_calls": [arguments]}, None, index))
+        header = {
+            "index": 0,
+            "id": call.call_id,
+            "type": "function",
+            "function": {"name": call.name},
+        }
+        return self._event(self._choice({"tool_calls": [header]}, None, index)) + self._event(
+            self._choice({"tool_calls": [arguments]}, None, index)
+        )
 
     def _choice(
         self, delta: dict[str, object], finish_reason: str | None, index: int, *, text: str = ""

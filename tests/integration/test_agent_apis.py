@@ -133,6 +133,51 @@ def test_messages_stream_accumulates_the_plain_answer(gateway: Service) -> None:
     assert final.usage.output_tokens == plain.usage.output_tokens
 
 
+def test_messages_tool_round_trip(gateway: Service) -> None:
+    client = claude(gateway)
+    question = {"role": "user", "content": "What is the weather in Lyon?"}
+    first = client.messages.create(
+        model="claude-sonnet-4-5", max_tokens=64, tools=[WEATHER_TOOL], messages=[question]
+    )
+    assert first.stop_reason == "tool_use"
+    (call,) = [b for b in first.content if b.type == "tool_use"]
+    assert call.name == "get_weather"
+    assert isinstance(call.input, dict) and set(call.input) >= {"city", "unit"}
+    second = client.messages.create(
+        model="claude-sonnet-4-5",
+        max_tokens=64,
+        tools=[WEATHER_TOOL],
+        messages=[
+            question,
+            {"role": "assistant", "content": first.content},
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "21 C"}],
+            },
+        ],
+    )
+    assert second.stop_reason in {"end_turn", "max_tokens"}
+    assert _text(second)
+
+
+def test_messages_streamed_tool_call_matches_the_plain_one(gateway: Service) -> None:
+    client = claude(gateway)
+    ask: dict[str, Any] = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 64,
+        "tools": [WEATHER_TOOL],
+        "tool_choice": {"type": "tool", "name": "get_weather"},
+        "messages": [{"role": "user", "content": "Weather in Oslo, streamed."}],
+    }
+    plain = client.messages.create(**ask)
+    with client.messages.stream(**ask) as stream:
+        final = stream.get_final_message()
+    plain_call = next(b for b in plain.content if b.type == "tool_use")
+    streamed_call = next(b for b in final.content if b.type == "tool_use")
+    assert streamed_call.input == plain_call.input
+    assert final.stop_reason == "tool_use"
+
+
 def test_messages_image_blocks_are_accepted(gateway: Service) -> None:
     message = claude(gateway).messages.create(
         model="claude-sonnet-4-5",
@@ -309,6 +354,35 @@ def test_responses_plain_and_stream_agree(gateway: Service) -> None:
     assert kinds[:2] == ["response.created", "response.in_progress"]
     assert kinds[-1] in {"response.completed", "response.incomplete"}
     assert final.output_text == plain.output_text
+
+
+def test_responses_tool_round_trip(gateway: Service) -> None:
+    client = gpt(gateway)
+    tool = {
+        "type": "function",
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": WEATHER_TOOL["input_schema"],
+    }
+    first = client.responses.create(
+        model="gpt-5",
+        input="Weather in Porto?",
+        tools=[tool],
+        max_output_tokens=64,  # type: ignore[list-item]
+    )
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather"
+    assert set(orjson.loads(calls[0].arguments)) >= {"city", "unit"}
+    second = client.responses.create(
+        model="gpt-5",
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "18 C"}],
+        tools=[tool],  # type: ignore[list-item]
+        max_output_tokens=64,
+    )
+    assert second.output_text
+    assert second.usage is not None and first.usage is not None
+    assert second.usage.input_tokens > first.usage.input_tokens  # the history was sent
 
 
 def test_responses_stored_per_tenant_read_continue_and_delete(gateway: Service) -> None:
