@@ -128,19 +128,23 @@ def checked_request(
     dialect: str = "chat",
 ) -> ParsedRequest:
     """`body` held to its OpenAI schema. A dialect's request arrives here translated to a
-    chat body (`gateway.dialects`), so it meets the same checks as a chat client's."""
+    chat body (`gateway.dialects`) that its own schema checked already: OpenAI's limits
+    (four stop strings, say) are not its client's, and an error would name a field the
+    client never sent, so only the size bound applies to it."""
     messages = body.get("messages")
     if kind == "chat" and isinstance(messages, list) and len(messages) > MAX_MESSAGES:
         # Refused before validation, which would otherwise check every one of them first.
         raise InvalidRequest(
             f"Invalid value for 'messages': at most {MAX_MESSAGES} messages.", param="messages"
         )
-    try:
-        SCHEMAS[kind].model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        param = describe_location(first["loc"])
-        raise InvalidRequest(f"Invalid value for '{param}': {first['msg']}", param=param) from exc
+    if dialect == "chat":
+        try:
+            SCHEMAS[kind].model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            param = describe_location(first["loc"])
+            message = f"Invalid value for '{param}': {first['msg']}"
+            raise InvalidRequest(message, param=param) from exc
     hints = NO_HINTS if headers is None else read_hints(headers)
     options = body.get("stream_options")  # checked for generation; embeddings have none
     return ParsedRequest(

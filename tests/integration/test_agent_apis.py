@@ -448,3 +448,15 @@ def test_responses_errors_are_openai_errors(gateway: Service) -> None:
     with pytest.raises(openai.AuthenticationError):
         stranger = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-no", max_retries=0)
         stranger.responses.create(model="gpt-5", input="x")
+
+
+def test_messages_takes_more_stop_sequences_than_openai_allows(gateway: Service) -> None:
+    """Anthropic sets no limit of four stop strings; the translated body is not held to
+    OpenAI's, and no error names `stop`, a field the client never sent."""
+    message = claude(gateway).messages.create(
+        model="claude-x",
+        max_tokens=8,
+        stop_sequences=["\n\nHuman:", "###", "END", "STOP", "DONE", "<|eot|>"],
+        messages=[{"role": "user", "content": "hello"}],
+    )
+    assert _text(message)
