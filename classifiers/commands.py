@@ -1,4 +1,4 @@
-"""`triage classifier train | eval | score | cv`: the classifier's command line."""
+"""`triage classifier train | eval | score | cv | promote`: the classifier's command line."""
 
 from __future__ import annotations
 
@@ -9,12 +9,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from classifiers.adapt import TrafficConfig, TrafficRows
 from classifiers.crossval import HeldOutSource, Mixture
 from classifiers.data import DataError, Row, read_rows
+from classifiers.features import Features
 from classifiers.model import DifficultyModel, ModelLoadError, load_model
 from classifiers.training import LabelledRequest, TrainConfig
 
-__all__ = ["explain_lines", "loso_lines", "main", "report_lines"]
+__all__ = ["DEFAULT_HOLDOUT", "explain_lines", "loso_lines", "main", "report_lines"]
+
+DEFAULT_HOLDOUT = 0.2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +29,27 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model from JSONL rows")
     train.add_argument("--data", nargs="+", required=True, metavar="FILE.jsonl")
     train.add_argument("--out", required=True, metavar="DIR")
+    train.add_argument(
+        "--traffic",
+        nargs="+",
+        default=[],
+        metavar="FILE.jsonl",
+        help="labelled traffic rows (gateway feedback/shadow labels), fitted on top of the "
+        "base data; rows without outcomes are skipped",
+    )
+    train.add_argument(
+        "--traffic-weight",
+        type=float,
+        default=TrafficConfig().weight,
+        help="how many base rows one traffic row counts for (default measured by bench/adapt.py)",
+    )
+    train.add_argument(
+        "--holdout",
+        type=float,
+        default=DEFAULT_HOLDOUT,
+        help="share of traffic rows (a fixed rule on each row's key) never trained on: the "
+        "slice `promote` compares models on",
+    )
     train.add_argument("--alpha", type=float, default=TrainConfig().alpha)
     train.add_argument("--dense-alpha", type=float, default=TrainConfig().dense_alpha)
     train.add_argument(
@@ -32,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         metavar="W|auto",
         help="share of the ranking taken from prompt length, 0-1; auto (the default) picks it "
-        "by leaving each training source out in turn (needs two sources, else 0)",
+        "on the traffic labels when --traffic has enough, else by leaving each training source "
+        "out in turn (needs two sources, else 0)",
     )
     evaluate = commands.add_parser("eval", help="APGR and CPT against random and length")
     evaluate.add_argument("--model", required=True, metavar="DIR")
@@ -40,6 +66,24 @@ def _parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="one score per input row on stdout")
     score.add_argument("--model", required=True, metavar="DIR")
     score.add_argument("--data", nargs="+", required=True, metavar="FILE.jsonl")
+    promote = commands.add_parser(
+        "promote", help="install a candidate only if it routes held-out traffic better"
+    )
+    promote.add_argument("--candidate", required=True, metavar="DIR")
+    promote.add_argument("--current", required=True, metavar="DIR", help="the policy's classifier")
+    promote.add_argument("--labels", nargs="+", required=True, metavar="FILE.jsonl")
+    promote.add_argument("--resamples", type=int, default=1000)
+    promote.add_argument("--seed", type=int, default=0)
+    promote.add_argument("--confidence", type=float, default=0.95)
+    promote.add_argument(
+        "--reload", metavar="URL", help="POST here after installing (the gateway's /admin/reload)"
+    )
+    promote.add_argument(
+        "--admin-key-env",
+        default="TRIAGE_ADMIN_KEY",
+        metavar="NAME",
+        help="environment variable holding the admin key sent to --reload",
+    )
     cv = commands.add_parser("cv", help="cross-validated figures, subjects held out")
     cv.add_argument("--data", nargs="+", required=True, metavar="FILE.jsonl")
     cv.add_argument("--folds", type=int, default=5)
@@ -86,13 +130,86 @@ def explain_lines(model: DifficultyModel, request: Mapping[str, Any], top: int =
 
 
 def _train(args: argparse.Namespace, out: TextIO) -> int:
-    from classifiers.crossval import choose_length_weight
     from classifiers.features import extract
-    from classifiers.training import fit
+    from classifiers.training import fit_linear
 
+    if not 0.0 <= args.holdout < 1.0:
+        raise ValueError(f"--holdout must be in [0, 1), got {args.holdout!r}")
     rows, _ = _labelled(read_rows(args.data), out)
     config = TrainConfig(alpha=args.alpha, dense_alpha=args.dense_alpha)
     features = [extract(row.request) for row in rows]
+    metadata: dict[str, Any] = {"data": [Path(p).name for p in args.data]}
+    traffic = _traffic(args, features, out) if args.traffic else None
+    fitted = None
+    if traffic is not None:
+        from classifiers.adapt import adapt
+
+        linear = fit_linear(rows, config, features)
+        settings = replace(TrafficConfig(), weight=args.traffic_weight)
+        fitted = adapt(linear, traffic.rows, traffic.features, settings)
+        metadata["traffic"] = {
+            "files": [Path(p).name for p in args.traffic],
+            "rows": len(traffic.rows),
+            "skipped": traffic.skipped,
+            "holdout": args.holdout,
+            "weight": args.traffic_weight,
+        }
+        if fitted is None:
+            print(
+                f"traffic: {len(traffic.rows)} usable rows, too few to learn from "
+                f"(need {settings.min_rows} with differing gains): base data only",
+                file=out,
+            )
+        else:
+            if args.length_weight != "auto":
+                fitted = replace(fitted, length_weight=float(args.length_weight))
+            length_weight = fitted.length_weight
+            detail = ", ".join(
+                f"{w:g}: {a:.3f} ({fitted.cv_bound[w]:+.3f})" for w, a in fitted.cv_apgr.items()
+            )
+            print(
+                f"traffic: {fitted.rows} rows, length weight {length_weight:g} (out-of-fold "
+                f"APGR by weight, with the lower bound of its margin over length: {detail}; "
+                f"length {fitted.length_apgr:.3f})",
+                file=out,
+            )
+            metadata["traffic"].update(
+                length_weight=length_weight,
+                cv_apgr={f"{w:g}": a for w, a in fitted.cv_apgr.items()},
+                cv_margin_bound={f"{w:g}": b for w, b in fitted.cv_bound.items()},
+                length_apgr=fitted.length_apgr,
+            )
+    if fitted is not None and traffic is not None:
+        from classifiers.training import finish
+
+        model = finish(
+            [*rows, *traffic.rows],
+            [*features, *traffic.features],
+            fitted.linear,
+            replace(config, length_weight=fitted.length_weight),
+            metadata=metadata,
+            stats=fitted.stats,
+        )
+        trained = len(rows) + len(traffic.rows)
+    else:
+        model = _train_base(args, rows, features, config, metadata, out)
+        trained = len(rows)
+    path = model.save(args.out)
+    print(f"trained on {trained} rows, {len(model.tokens)} word weights -> {path}", file=out)
+    return 0
+
+
+def _train_base(
+    args: argparse.Namespace,
+    rows: Sequence[LabelledRequest],
+    features: Sequence[Features],
+    config: TrainConfig,
+    metadata: Mapping[str, Any],
+    out: TextIO,
+) -> DifficultyModel:
+    from classifiers.crossval import choose_length_weight
+    from classifiers.training import fit
+
     if args.length_weight == "auto":
         weight, margins = choose_length_weight(rows, features, config)
         if weight is None:
@@ -104,11 +221,26 @@ def _train(args: argparse.Namespace, out: TextIO) -> int:
     else:
         weight = float(args.length_weight)
     config = replace(config, length_weight=weight)
-    metadata = {"data": [Path(p).name for p in args.data]}
-    model = fit(rows, config, metadata=metadata, features=features)
-    path = model.save(args.out)
-    print(f"trained on {len(rows)} rows, {len(model.tokens)} word weights -> {path}", file=out)
-    return 0
+    return fit(rows, config, metadata=metadata, features=features)
+
+
+def _traffic(args: argparse.Namespace, known: Sequence[Features], out: TextIO) -> TrafficRows:
+    from classifiers.adapt import traffic_rows
+    from classifiers.promote import held_out
+
+    every = traffic_rows(read_rows(args.traffic, labelled=False), known)
+    keep = [i for i, key in enumerate(every.keys) if not held_out(key, args.holdout)]
+    print(
+        f"traffic: {len(every.rows)} labelled rows, {len(every.rows) - len(keep)} held out for "
+        f"promote, {every.skipped} skipped (no outcomes, or neither prompt nor features)",
+        file=out,
+    )
+    return TrafficRows(
+        rows=[every.rows[i] for i in keep],
+        features=[every.features[i] for i in keep],
+        keys=[every.keys[i] for i in keep],
+        skipped=every.skipped,
+    )
 
 
 def _eval(args: argparse.Namespace, out: TextIO) -> int:
@@ -146,6 +278,86 @@ def _score(args: argparse.Namespace, out: TextIO) -> int:
         lines.append(f"{model.score(row.request) if row.request else 0.0:.6f}")
     out.write("\n".join(lines) + ("\n" if lines else ""))
     return 0
+
+
+def _promote(args: argparse.Namespace, out: TextIO) -> int:
+    """Exit 0 when installed, 1 when the candidate is not better, 3 when the reload failed."""
+    from classifiers.adapt import traffic_rows
+    from classifiers.promote import card_section, compare, held_out, install
+
+    candidate = load_model(args.candidate)
+    current = load_model(args.current)
+    # Rows stored without text carry word hashes: the words either model weighs are the only
+    # ones whose hashes need mapping back for scoring.
+    words = frozenset(w.encode("ascii", "replace") for m in (candidate, current) for w in m.tokens)
+    every = traffic_rows(read_rows(args.labels, labelled=False), [Features((), words)])
+    shares = [_holdout_of(model) for model in (candidate, current)]
+    share = min(s for s in shares if s is not None) if any(s is not None for s in shares) else 0.0
+    if share <= 0.0:
+        print(
+            "not promoted: the candidate's metadata has no traffic hold-out; train it with "
+            "`--traffic ... --holdout SHARE` so that some labels are never trained on",
+            file=out,
+        )
+        return 1
+    keep = [i for i, key in enumerate(every.keys) if held_out(key, share)]
+    comparison = compare(
+        candidate,
+        current,
+        [every.features[i] for i in keep],
+        [every.rows[i].weak for i in keep],
+        [every.rows[i].strong for i in keep],
+        resamples=args.resamples,
+        seed=args.seed,
+        confidence=args.confidence,
+    )
+    c = comparison
+    print(
+        f"held-out traffic rows: {c.rows} (hold-out share {share:g})\n"
+        f"candidate APGR {c.candidate_apgr.value:.3f}, current {c.current_apgr.value:.3f}, "
+        f"length {c.length_apgr:.3f}; gain {c.apgr_gain.value:+.3f} "
+        f"({c.confidence:.0%} interval {c.apgr_gain.low:+.3f} to {c.apgr_gain.high:+.3f}, "
+        f"{c.resamples} resamples)\n"
+        f"CPT(50%) candidate {c.candidate_cpt50.value:.1%}, current {c.current_cpt50.value:.1%}",
+        file=out,
+    )
+    if not c.better:
+        print(
+            f"not promoted: the APGR gain's interval reaches {c.apgr_gain.low:+.3f}, not above 0",
+            file=out,
+        )
+        return 1
+    path = install(
+        Path(args.candidate), Path(args.current), c, card_section(c, args.candidate, args.labels)
+    )
+    print(f"promoted: {path} (previous kept as model.previous.json)", file=out)
+    if args.reload:
+        return _reload(args.reload, args.admin_key_env, out)
+    return 0
+
+
+def _holdout_of(model: DifficultyModel) -> float | None:
+    traffic = model.metadata.get("traffic")
+    share = traffic.get("holdout") if isinstance(traffic, Mapping) else None
+    return float(share) if isinstance(share, int | float) and share > 0 else None
+
+
+def _reload(url: str, key_env: str, out: TextIO) -> int:
+    import os
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, method="POST", data=b"")
+    key = os.environ.get(key_env)
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            print(f"reload: {response.status} {response.read().decode(errors='replace')}", file=out)
+            return 0
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"reload failed ({exc}); the new model is installed: reload by hand", file=out)
+        return 3
 
 
 def loso_lines(results: Sequence[HeldOutSource], mixture: Mixture) -> list[str]:
@@ -197,7 +409,7 @@ def main(argv: Sequence[str], out: TextIO | None = None) -> int:
     """Run one subcommand; returns the exit code (2 for unreadable data or model)."""
     args = _parser().parse_args(list(argv))
     stream = out or sys.stdout
-    handlers = {"train": _train, "eval": _eval, "score": _score, "cv": _cv}
+    handlers = {"train": _train, "eval": _eval, "score": _score, "cv": _cv, "promote": _promote}
     try:
         return handlers[args.command](args, stream)
     except (DataError, ModelLoadError, ValueError) as exc:

@@ -7,10 +7,11 @@ code and reasoning versus writing and role-play — transfer. So the dense weigh
 the documented `PRIOR` below and the data only fits a heavily shrunk residual on top of it
 (ridge towards the prior), together with word weights.
 
-Target: the per-row gain d = strong - weak. Sources scored 0/1 use d as is; judge-scored
-sources (any value outside {0, 1}) use clip(d / JUDGE_SCALE, -1, 1). Each source's target is
-standardised on its own, because only the order within a data set matters for APGR, and a
-source's average gain must not leak into features that happen to tell sources apart. The
+Target: the per-row gain d = strong - weak. Sources scored 0/1, or on a 0-1 scale, use d as
+is; judge-scored sources (any value outside [0, 1]) use clip(d / JUDGE_SCALE, -1, 1). Each
+source's target is standardised on its own, because only the order within a data set matters
+for APGR, and a source's average gain must not leak into features that happen to tell sources
+apart (the traffic pass, classifiers/adapt.py, is where kinds of prompt are compared). The
 expected gain is the ranking that maximises APGR; a final logistic calibration then maps it to
 P(strong clearly better): strong > weak for 0/1 sources, strong ≥ weak + CLEAR_MARGIN for
 judge scores.
@@ -36,13 +37,17 @@ __all__ = [
     "JUDGE_SCALE",
     "MIN_CALIBRATION_SLOPE",
     "PRIOR",
+    "UNIT_CLEAR_MARGIN",
     "LabelledRequest",
     "TrainConfig",
     "blend_stats",
+    "design_blocks",
     "finish",
     "fit",
     "fit_linear",
+    "gain_targets",
     "raw_scores",
+    "token_matrix",
 ]
 
 _LENGTH = DENSE_NAMES.index("log_chars")
@@ -50,6 +55,8 @@ JUDGE_SCALE = 3.0
 # The smallest calibration slope: scores must rise with the raw score (see `finish`).
 MIN_CALIBRATION_SLOPE = 0.1
 CLEAR_MARGIN = 2.0
+# "Clearly better" on a 0-1 outcome scale: half the scale.
+UNIT_CLEAR_MARGIN = 0.5
 
 # Prior weights per block, in units of one standard deviation of the feature. "shared" applies
 # to every prompt, "mcq" adds to it for multiple-choice prompts, "open" for all others.
@@ -120,7 +127,9 @@ def _prior_vector() -> NDArray[np.float64]:
     return vector
 
 
-def _targets(rows: Sequence[LabelledRequest]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def gain_targets(
+    rows: Sequence[LabelledRequest],
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Standardised regression target and the 0/1 'strong clearly better' label."""
     sources = np.array([row.source for row in rows])
     weak = np.array([row.weak for row in rows], dtype=np.float64)
@@ -130,10 +139,15 @@ def _targets(rows: Sequence[LabelledRequest]) -> tuple[NDArray[np.float64], NDAr
     label = np.zeros(len(rows))
     for source in np.unique(sources):
         mask = sources == source
-        binary = bool(np.isin(np.r_[weak[mask], strong[mask]], (0.0, 1.0)).all())
+        outcomes = np.r_[weak[mask], strong[mask]]
+        binary = bool(np.isin(outcomes, (0.0, 1.0)).all())
         if binary:
             part = gain[mask]
             label[mask] = gain[mask] > 0
+        elif outcomes.min() >= 0.0 and outcomes.max() <= 1.0:
+            # A 0-1 scale (a judge's preference share, e.g. traffic labels): the gain as is.
+            part = gain[mask]
+            label[mask] = gain[mask] >= UNIT_CLEAR_MARGIN
         else:
             part = np.clip(gain[mask] / JUDGE_SCALE, -1.0, 1.0)
             label[mask] = gain[mask] >= CLEAR_MARGIN
@@ -149,9 +163,10 @@ def _row_weights(rows: Sequence[LabelledRequest], share: float) -> NDArray[np.fl
     return np.array([factor[row.source] for row in rows])
 
 
-def _token_matrix(
+def token_matrix(
     features: Sequence[Features], vocabulary: Mapping[Token, int]
 ) -> Any:  # scipy.sparse.csr_matrix; scipy ships no type stubs
+    """Word columns as the model scores them: 1 / √(distinct words) for each word present."""
     from scipy import sparse
 
     indices: list[int] = []
@@ -170,9 +185,10 @@ def _token_matrix(
     )
 
 
-def _blocks(
+def design_blocks(
     dense: NDArray[np.float64], mean: NDArray[np.float64], scale: NDArray[np.float64]
 ) -> NDArray[np.float64]:
+    """Standardised dense features as the three weight blocks: shared, multiple-choice, open."""
     z = (dense - mean) / scale
     mcq = dense[:, DENSE_NAMES.index("mcq_options")][:, None] > 0.5
     return np.hstack([z, z * mcq, z * ~mcq])
@@ -219,7 +235,7 @@ def fit_linear(
     if len(features) != len(rows):
         raise ValueError(f"got {len(features)} feature rows for {len(rows)} labelled rows")
     dense = np.array([item.dense for item in features], dtype=np.float64)
-    target, label = _targets(rows)
+    target, label = gain_targets(rows)
     if label.min() == label.max():
         raise ValueError("every row has the same label: the data cannot teach a difficulty order")
     weights = _row_weights(rows, config.min_source_share)
@@ -227,7 +243,7 @@ def fit_linear(
     mean = dense.mean(axis=0)
     spread = dense.std(axis=0)
     scale = np.where(spread > 1e-9, spread, 1.0)
-    blocks = _blocks(dense, mean, scale)
+    blocks = design_blocks(dense, mean, scale)
     prior = _prior_vector()
     offset = blocks @ prior
 
@@ -259,7 +275,7 @@ def fit_linear(
         fit_blocks = _demean(blocks, groups)
         residual = _demean(residual[:, None], groups)[:, 0]
     design = sparse.hstack(
-        [sparse.csr_matrix(fit_blocks * dense_factor), _token_matrix(features, vocabulary)]
+        [sparse.csr_matrix(fit_blocks * dense_factor), token_matrix(features, vocabulary)]
     ).tocsr()
     ridge = Ridge(alpha=config.alpha, solver="sparse_cg", max_iter=2000, tol=1e-5)
     ridge.fit(design, residual, sample_weight=weights)
@@ -308,15 +324,21 @@ def finish(
     linear: DifficultyModel,
     config: TrainConfig,
     metadata: Mapping[str, Any] | None = None,
+    stats: tuple[float, float, float, float] | None = None,
 ) -> DifficultyModel:
-    """Blend a `fit_linear` model with prompt length, calibrate it and add the reference set."""
+    """Blend a `fit_linear` model with prompt length, calibrate it and add the reference set.
+
+    `stats` (centres and spreads of the blend) default to `blend_stats` over all rows; the
+    traffic fit passes the ones its blend weight was chosen with.
+    """
     from sklearn.linear_model import LogisticRegression
 
-    _, label = _targets(rows)
+    _, label = gain_targets(rows)
     weights = _row_weights(rows, config.min_source_share)
     raw = raw_scores(linear, features)
     lengths = np.array([item.dense[_LENGTH] for item in features], dtype=np.float64)
-    stats = blend_stats(rows, raw, lengths)
+    if stats is None:
+        stats = blend_stats(rows, raw, lengths)
     blended = blend_with_length(linear, config.length_weight, *stats)
     raw = raw_scores(blended, features)
     # The slope is fitted within sources (one intercept per source): the target was
