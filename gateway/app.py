@@ -28,6 +28,7 @@ from gateway.admin import Admin
 from gateway.api.dialect_routes import DialectRoutes
 from gateway.api.disconnect import unless_client_leaves
 from gateway.api.errors import error_response
+from gateway.api.feedback_route import post_feedback
 from gateway.api.openapi import openapi_document
 from gateway.api.reply import EVENT_STREAM, JSON, Reply
 from gateway.api.request import ParsedRequest, checked_request, read_json_object, read_request
@@ -600,6 +601,7 @@ def build_app(policy_path: str | Path) -> Starlette:
         *(Route(path, _served_above, methods=["POST"]) for path in GatewayApp.DIALECTS),
         *DialectRoutes(gateway).routes(),
         Route("/v1/models", gateway.list_models, methods=["GET"]),
+        Route("/v1/feedback", post_feedback, methods=["POST"]),
         Route("/metrics", gateway.metrics, methods=["GET"]),
         Route("/openapi.json", gateway.openapi, methods=["GET"]),
         Route("/healthz", gateway.healthz, methods=["GET"]),

@@ -83,6 +83,7 @@ class Exchange:
     upstream_s: float = 0.0  # spent waiting on the backend before the response starts
     tokenizer: Tokenizer | None = None
     kept: list[bytes] | None = None  # a stream's batches, kept when its backend reports no usage
+    shadowed: bool = False  # sampled for a shadow comparison (gateway/shadow.py)
     _finished: bool = False
 
     def __post_init__(self) -> None:
@@ -114,6 +115,11 @@ class Exchange:
             self.headers["x-triage-replica"] = replica_id(replica.url)
         self.record.prefix_chars = dispatched.prefix_chars
         self.record.served(tier, pool.model, replica.url)
+        shadow = self.feedback.shadow if self.feedback is not None else None
+        if shadow is not None and shadow.samples(tier, self.parsed):
+            self.shadowed = True
+            if self.parsed.stream and self.kept is None:
+                self.kept = []  # the final text, for the judge
         self.record.retries = dispatched.retries
         self.record.hedges = int(dispatched.hedged)
 
@@ -202,6 +208,8 @@ class Exchange:
         self.telemetry.finish(record)
         if self.feedback is not None:
             self.feedback.write(self.parsed, record)
+            if self.shadowed and self.feedback.shadow is not None:
+                self.feedback.shadow.offer(self.parsed, record, outcome, self.kept)
 
     async def _settle_budget(self, reservation: Reservation) -> None:
         record = self.record

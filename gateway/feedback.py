@@ -6,6 +6,12 @@ The gateway knows what it routed and how the answer ended; how good the answer w
 known later (a judge, user ratings). Rows carry `prompt_sha256` and `request_id` to join
 those outcomes on as `weak` / `strong`; `train` skips rows that have none. Prompt text is
 written only when the policy says `prompts: text`.
+
+Outcomes arrive two ways, and both land in this file (classifiers/README.md, "Traffic
+labels"): a shadow comparison's labelled row (gateway/shadow.py, which this log hands the
+request path to), and an application's score of one answer (`POST /v1/feedback`,
+`write_score`), a row joined to the request's own by `request_id`. Each row says its
+`tenant`: a score joins only a request of the same tenant.
 """
 
 from __future__ import annotations
@@ -14,8 +20,8 @@ import hashlib
 import os
 import random
 import time
-from collections.abc import Callable
-from typing import Any, BinaryIO
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
@@ -23,7 +29,13 @@ from gateway.api.request import ParsedRequest
 from gateway.policy import FeedbackSettings
 from gateway.telemetry import RequestRecord
 
-__all__ = ["FeedbackLog"]
+if TYPE_CHECKING:
+    from gateway.shadow import Shadow
+
+__all__ = ["FeedbackLog", "last_user_text", "prompt_sha256"]
+
+# Requests whose tenant this process remembers, for `owner`: about 100 bytes each.
+_KNOWN_OWNERS = 100_000
 
 
 class FeedbackLog:
@@ -31,6 +43,9 @@ class FeedbackLog:
         self.settings = settings
         self._sample = sample
         self._file: BinaryIO | None = None
+        # Set when the policy has `routing.shadow`: the request path reaches it from here.
+        self.shadow: Shadow | None = None
+        self._owners: dict[str, str | None] = {}
 
     def open(self) -> None:
         """Open (or create) the file: when its policy starts, not when it is built, so a
@@ -45,7 +60,13 @@ class FeedbackLog:
         """Log one request that a tier answered (or the cache, for that tier); nothing
         before `open`."""
         file = self._file
-        if file is None or record.tier is None or self._sample() >= self.settings.sample_rate:
+        if file is None or record.tier is None:
+            return
+        owners = self._owners
+        owners[record.request_id] = record.tenant
+        if len(owners) > _KNOWN_OWNERS:
+            del owners[next(iter(owners))]  # the oldest
+        if self._sample() >= self.settings.sample_rate:
             return
         prompt = parsed.body.get("messages", parsed.body.get("prompt"))
         with_text = self.settings.prompts == "text"
@@ -53,8 +74,9 @@ class FeedbackLog:
             "request_id": record.request_id,
             "time": round(time.time(), 3),
             "source": self.settings.source,
-            "prompt": _last_user_text(prompt) if with_text else None,
-            "prompt_sha256": hashlib.sha256(orjson.dumps(prompt)).hexdigest(),
+            "tenant": record.tenant,
+            "prompt": last_user_text(prompt) if with_text else None,
+            "prompt_sha256": prompt_sha256(parsed.body),
             "request": dict(parsed.body) if with_text else None,
             "tier": record.tier,
             "routed_tier": record.decided_tier,
@@ -70,8 +92,40 @@ class FeedbackLog:
         }
         file.write(orjson.dumps(row) + b"\n")
 
+    def owner(self, request_id: str) -> tuple[bool, str | None]:
+        """(known, tenant) of a request this process answered recently: another replica's,
+        or an old one, is not known here."""
+        if request_id not in self._owners:
+            return False, None
+        return True, self._owners[request_id]
 
-def _last_user_text(prompt: object) -> str | None:
+    def write_score(
+        self, request_id: str, tenant: str | None, score: bool | float, quality: float
+    ) -> None:
+        """An application's score of one answer: a row joined to the request's by id."""
+        file = self._file
+        if file is None:
+            return
+        row = {
+            "request_id": request_id,
+            "time": round(time.time(), 3),
+            "source": self.settings.source,
+            "label": "feedback",
+            "tenant": tenant,
+            "score": score,
+            "quality": quality,
+        }
+        file.write(orjson.dumps(row) + b"\n")
+
+
+def prompt_sha256(body: Mapping[str, Any]) -> str:
+    """The key every row of one prompt shares: a hash of its messages (or prompt)."""
+    prompt = body.get("messages", body.get("prompt"))
+    return hashlib.sha256(orjson.dumps(prompt)).hexdigest()
+
+
+def last_user_text(prompt: object) -> str | None:
+    """The text of the last user message of `messages`, or a completions prompt."""
     if isinstance(prompt, str):
         return prompt
     if not isinstance(prompt, list):

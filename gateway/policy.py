@@ -49,6 +49,7 @@ __all__ = [
     "Rule",
     "RuleCondition",
     "Server",
+    "ShadowSettings",
     "SimulatedPool",
     "Slo",
     "StoreSettings",
@@ -240,6 +241,26 @@ class FeedbackSettings(_Strict):
     source: str = "gateway"  # the rows' `source` (training ranks and weights per source)
 
 
+class ShadowSettings(_Strict):
+    """Shadow comparisons (gateway/shadow.py): a sample of the requests one of two tiers
+    answered is asked of the other too, after the client has its answer, and a judge
+    compares the two answers in both orders; each comparison is a labelled row."""
+
+    weak: str  # the cheap tier
+    strong: str  # the tier it is compared with
+    answered_by: Literal["either", "weak", "strong"] = "either"  # which answers are sampled
+    sample_rate: float = Field(0.1, gt=0, le=1)
+    judge: str  # a model or a tier
+    judge_prompt: str | None = None  # None: gateway/judge.py's `DEFAULT_JUDGE_PROMPT`
+    judge_max_tokens: int = Field(32, ge=1)
+    # What shadow and judge calls may spend per UTC day, held like a tenant's budget.
+    usd_per_day: float = Field(ge=0)
+    prompts: Literal["hash", "text"] = "hash"  # text: prompt and request body in the rows
+    path: str | None = None  # the labelled rows; None: routing.feedback's file
+    source: str = "shadow"  # the rows' `source`
+    max_in_flight: int = Field(4, ge=1)  # comparisons at once; more are dropped, counted
+
+
 class Routing(_Strict):
     default_tier: str | None = None
     classifier: str | None = None
@@ -254,6 +275,7 @@ class Routing(_Strict):
     # its whole body, only this one).
     timeout_factor: float = Field(2.0, ge=1)
     feedback: FeedbackSettings | None = None
+    shadow: ShadowSettings | None = None
 
 
 class ResponsesSettings(_Strict):
@@ -676,6 +698,7 @@ def _check_references(policy: Policy, base_dir: Path | None) -> list[str]:
         errors.append("routing.strong_fraction: needs at least two tiers")
     errors += _check_endpoints(policy)
     errors += _check_tenant_references(policy)
+    errors += _check_shadow(policy)
     if policy.budgets.reservation_ttl_s <= policy.server.upstream_timeout_s:
         errors.append(
             "budgets.reservation_ttl_s: must be > server.upstream_timeout_s "
@@ -736,6 +759,36 @@ def _check_endpoints(policy: Policy) -> list[str]:
 def _listed(endpoints: frozenset[RequestKind]) -> str:
     """`chat, completions`: endpoints in the API's order, for messages."""
     return ", ".join(kind for kind in ENDPOINTS if kind in endpoints)
+
+
+def _check_shadow(policy: Policy) -> list[str]:
+    """`routing.shadow`: two distinct chat tiers, a judge that exists, and a routing log for
+    its rows and POST /v1/feedback's scores to join (by request_id)."""
+    shadow = policy.routing.shadow
+    if shadow is None:
+        return []
+    errors: list[str] = []
+    chat = policy.tiers_serving("chat")
+    for name in ("weak", "strong"):
+        tier = getattr(shadow, name)
+        if tier not in policy.tiers:
+            errors.append(
+                f"routing.shadow.{name}: unknown tier {tier!r} ({', '.join(policy.tiers)})"
+            )
+        elif tier not in chat:
+            errors.append(f"routing.shadow.{name}: tier {tier!r} does not serve chat")
+    if shadow.weak == shadow.strong:
+        errors.append("routing.shadow.strong: must differ from routing.shadow.weak")
+    judge = shadow.judge
+    if judge not in policy.models and judge not in policy.tiers:
+        errors.append(f"routing.shadow.judge: unknown model or tier {judge!r}")
+    elif "chat" not in (
+        policy.models[judge].endpoints if judge in policy.models else policy.tier_endpoints[judge]
+    ):
+        errors.append(f"routing.shadow.judge: {judge!r} does not serve chat")
+    if policy.routing.feedback is None:
+        errors.append("routing.shadow: needs routing.feedback (the routing rows its labels join)")
+    return errors
 
 
 def _check_tenant_references(policy: Policy) -> list[str]:

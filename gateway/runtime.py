@@ -27,6 +27,7 @@ from gateway.pools import Pool
 from gateway.prefix import PrefixSettings
 from gateway.replica import ReplicaSettings
 from gateway.router import DifficultyScorer, Router
+from gateway.shadow import Shadow
 from gateway.simulated import SimulatedFleet
 from gateway.slo import FirstByteTracker, SloTarget
 from gateway.store import Store, open_store
@@ -40,6 +41,7 @@ __all__ = [
     "load_classifier",
     "prefix_settings",
     "replica_settings",
+    "shadow_comparisons",
 ]
 
 
@@ -74,6 +76,7 @@ class Runtime:
     dispatcher: Dispatcher
     response_store: ResponseStore
     feedback: FeedbackLog | None = None
+    shadow: Shadow | None = None  # also reached through `feedback.shadow`
 
     def ready(self) -> dict[str, bool]:
         """Per tier: does at least one of its models have a healthy replica?"""
@@ -94,10 +97,20 @@ class Runtime:
                 raise PolicyError(
                     [f"routing.feedback.path: cannot open {path}: {exc.strerror}"]
                 ) from exc
+        if self.shadow is not None:
+            try:
+                self.shadow.open()
+            except OSError as exc:
+                path = self.shadow.path
+                raise PolicyError(
+                    [f"routing.shadow.path: cannot open {path}: {exc.strerror}"]
+                ) from exc
         self.poller.start()
 
     async def close(self) -> None:
         await self.poller.stop()
+        if self.shadow is not None:
+            await self.shadow.close()  # cancels the comparisons still running
         await self.ledger.close()
 
 
@@ -143,9 +156,12 @@ async def build_runtime(
     ledger = Ledger(store, policy, carry_over=previous.ledger if previous else None)
     auth = Authenticator(policy)
     responses = ResponseStore(store, policy.responses.store_ttl_s)
+    shadow = shadow_comparisons(
+        policy, base_dir, dispatcher, store, feedback, previous.shadow if previous else None
+    )
     return Runtime(
         policy, router, pools, poller, auth, cache, prices, tier_prices, ledger, dispatcher,
-        responses, feedback,
+        responses, feedback, shadow,
     )  # fmt: skip
 
 
@@ -159,6 +175,27 @@ def feedback_log(policy: Policy, base_dir: Path | None) -> FeedbackLog | None:
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
     return FeedbackLog(settings.model_copy(update={"path": str(path)}))
+
+
+def shadow_comparisons(
+    policy: Policy,
+    base_dir: Path | None,
+    dispatcher: Dispatcher,
+    store: Store,
+    feedback: FeedbackLog | None,
+    previous: Shadow | None = None,
+) -> Shadow | None:
+    """The policy's shadow comparisons (not started), handed to the request path through
+    the feedback log; their rows go to `routing.shadow.path`, else the feedback log's file."""
+    settings = policy.routing.shadow
+    if settings is None or feedback is None:  # the policy check requires both
+        return None
+    path = Path(settings.path or feedback.settings.path)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    shadow = Shadow(settings, str(path), policy, dispatcher, store, previous=previous)
+    feedback.shadow = shadow
+    return shadow
 
 
 def replica_settings(policy: Policy) -> ReplicaSettings:

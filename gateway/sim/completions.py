@@ -12,6 +12,7 @@ from starlette.types import Send
 from gateway.sim.agent import AgentAnswer, agent_answer
 from gateway.sim.asgi import send_json
 from gateway.sim.generation import GenerationEndpoint
+from gateway.sim.judge import answer_plans
 from gateway.sim.protocol import (
     SimRequest,
     SimRequestError,
@@ -60,6 +61,8 @@ class CompletionEndpoint(GenerationEndpoint[SimRequest]):
             )
             for index in range(request.n)
         ]
+        # Right or wrong by the hidden truth, or a judge's verdict (gateway/sim/judge.py).
+        plans = answer_plans(request, plans, service.profile.model)
         # Tool calls and reasoning, when asked for, reshape each choice's output.
         answers = [agent_answer(plan, request.agent, request.prompt, max_tokens) for plan in plans]
         plans = [answer.plan for answer in answers]
