@@ -35,11 +35,13 @@ from gateway.api.request import ParsedRequest, checked_request, read_json_object
 from gateway.api.schemas import RequestKind
 from gateway.api.streaming import EventStreamResponse
 from gateway.auth import Caller, tier_forbidden
+from gateway.backend_api import mode
+from gateway.backend_api.passthrough import NativeResponses, passthrough
 from gateway.budgets.errors import QuotaExceeded
 from gateway.budgets.plan import downgrade_order
-from gateway.cache.plan import CACHE_HEADER
+from gateway.cache.plan import CACHE_HEADER, NATIVE_BYPASS, bypassed
 from gateway.cache.replay import render_events, render_json
-from gateway.dialects import Dialect, DialectContext
+from gateway.dialects import Dialect, DialectContext, Translation
 from gateway.dialects.messages import MessagesDialect
 from gateway.dialects.responses import ResponsesDialect, ResponseTranslation
 from gateway.dispatch import SHED_CODES, Dispatched
@@ -222,7 +224,7 @@ class Gateway:
             context = DialectContext(record.request_id, caller.tenant)
             if isinstance(dialect, ResponsesDialect):
                 body = await _expanded(dialect, body, context, runtime)
-            parsed = checked_request(dialect.parse(body), kind, headers, dialect.name)
+            parsed = checked_request(dialect.parse(body), kind, headers, dialect.name, body)
             record.requested(parsed)
             translation = dialect.translation(body, context)
         with record.trace.span("triage.route"):
@@ -271,6 +273,9 @@ class Gateway:
             headers=client_headers,
             dialect=parsed.dialect,
         )
+        native = mode(runtime.pools[model].api, parsed.dialect) == "native"
+        if native and (plan.lookup or plan.store):
+            plan = bypassed(parsed.kind, model, NATIVE_BYPASS)  # the backend speaks it
         with exchange.record.trace.span("triage.cache.lookup"):
             found = await runtime.cache.lookup(plan)
         exchange.plan, exchange.recorder = plan, found.recorder
@@ -366,8 +371,11 @@ class Gateway:
         when it ends however it ends (`on_close`), a JSON body's after its last byte; a
         body that fails to arrive is finished by `generate`, as every other error is."""
         exchange.tokenizer = self.tokenizer
+        native = dispatched.mode == "native"
+        if native:  # the backend speaks the client's API: its answer goes as it was sent
+            exchange.translation = self._passthrough(exchange)
         if exchange.parsed.stream:
-            if not dispatched.pool.backend.stream_usage:
+            if not (native or dispatched.pool.backend.stream_usage):
                 exchange.kept = []  # to count its usage from when it ends
             exchange.overhead_header()
             events = self._relay(exchange, dispatched)
@@ -383,7 +391,7 @@ class Gateway:
         waited = time.perf_counter()
         payload = await dispatched.read(exchange.outcome)
         exchange.upstream_s += time.perf_counter() - waited
-        if exchange.recorder is not None:
+        if exchange.recorder is not None and not native:
             exchange.recorder.feed_body(payload)
         exchange.record.response_body = payload
         exchange.overhead_header()
@@ -395,6 +403,13 @@ class Gateway:
         answer = exchange.translation.json(payload)
         finish = functools.partial(exchange.finish, shielded=False)
         return Reply(answer, JSON, exchange.headers, after=self._after(exchange, finish))
+
+    def _passthrough(self, exchange: Exchange) -> Translation:
+        """The client's side of a native answer, in place of its dialect's translation."""
+        parsed = exchange.parsed
+        assert parsed.native_body is not None, "a dialect's request keeps its own body"
+        context = DialectContext(exchange.record.request_id, exchange.caller.tenant)
+        return passthrough(parsed.dialect, parsed.native_body, context)
 
     def _after(
         self, exchange: Exchange, finish: Callable[[], Awaitable[None]] | None
@@ -412,7 +427,7 @@ class Gateway:
 
     async def _store_response(self, exchange: Exchange) -> None:
         translation = exchange.translation
-        assert isinstance(translation, ResponseTranslation)
+        assert isinstance(translation, ResponseTranslation | NativeResponses)
         stored = translation.stored()
         if stored is None:
             return
@@ -426,8 +441,11 @@ class Gateway:
     async def _relay(self, exchange: Exchange, dispatched: Dispatched) -> AsyncIterator[bytes]:
         """The stream for the client, as the cache and the usage count need it: a usage
         chunk the client asked for that the backend did not send is counted and added."""
-        wants_usage = exchange.parsed.client_wants_usage
+        native = dispatched.mode == "native"  # not chat events: nothing to add or record
+        wants_usage = exchange.parsed.client_wants_usage and not native
         recorder, outcome, kept = exchange.recorder, exchange.outcome, exchange.kept
+        if native:
+            recorder = None
         relay = dispatched.relay(outcome, strip_usage_chunk=not wants_usage)
         async with contextlib.aclosing(relay) as events:
             async for event in events:

@@ -116,7 +116,8 @@ class Exchange:
         self.record.prefix_chars = dispatched.prefix_chars
         self.record.served(tier, pool.model, replica.url)
         shadow = self.feedback.shadow if self.feedback is not None else None
-        if shadow is not None and shadow.samples(tier, self.parsed):
+        # A native answer (the backend speaks the client's API) is not chat: not compared.
+        if shadow is not None and dispatched.mode != "native" and shadow.samples(tier, self.parsed):
             self.shadowed = True
             if self.parsed.stream and self.kept is None:
                 self.kept = []  # the final text, for the judge

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.api.schemas import RequestKind
+from gateway.backend_api import BackendApi
 from gateway.backends import DEFAULTS, Backend, ServerKind
 from gateway.telemetry.settings import TelemetrySettings
 
@@ -127,6 +128,18 @@ class ModelSpec(_Strict):
     # The API endpoints its servers answer: an embedding model says `endpoints: [embeddings]`,
     # so that no chat request is routed to it (and no embedding request to a chat model).
     endpoints: tuple[RequestKind, ...] = ("chat", "completions")
+    # The API its servers are sent chat requests in (gateway/backend_api/): `chat` is
+    # /v1/chat/completions; `messages` and `responses` are Anthropic's and OpenAI's agent
+    # APIs (vLLM serves both). A client speaking the same one is passed through natively,
+    # any other is translated. These carry chat only: such a model serves `endpoints: [chat]`.
+    api: BackendApi = "chat"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _agent_api_serves_chat(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("api", "chat") != "chat" and "endpoints" not in data:
+            return {**data, "endpoints": ["chat"]}
+        return data
 
     @field_validator("endpoints", mode="before")
     @classmethod
@@ -178,6 +191,11 @@ class ModelSpec(_Strict):
         if self.tokenize_path is not None and DEFAULTS[self.server].tokenize_api is None:
             raise ValueError(
                 f"tokenize_path: Triage knows no tokenize API of server {self.server!r}"
+            )
+        if self.api != "chat" and self.endpoints != ("chat",):
+            raise ValueError(
+                f"endpoints: a model with `api: {self.api}` serves chat only (endpoints: [chat]);"
+                " completions and embeddings have no such API"
             )
         return self
 

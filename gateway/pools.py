@@ -1,4 +1,5 @@
 """Pools of replicas serving one model: balancing, outlier detection across peers, panic.
+from gateway.backend_api import BackendApi
 
 A replica's own state (breaker, estimates, predictions) is `gateway.replica`; the
 background health and load polling is `gateway.poller`.
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from gateway.backend_api import BackendApi
 from gateway.backends import DEFAULTS, Backend
 from gateway.estimators import Ewma
 from gateway.prefix import PrefixIndex, PrefixSettings
@@ -64,6 +66,7 @@ class Pool:
     # The prefix balancer's index; none for a pool of one replica (nothing to choose).
     prefix: PrefixIndex | None = field(default=None, repr=False)
     expose_replica: bool = False  # answers say which replica (`x-triage-replica`)
+    api: BackendApi = "chat"  # the API its servers are sent chat in (gateway/backend_api/)
 
     def __post_init__(self) -> None:
         for replica in self.replicas:

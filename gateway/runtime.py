@@ -143,6 +143,8 @@ async def build_runtime(
         )
         for name, spec in policy.models.items()
     }
+    for name, pool in pools.items():
+        pool.api = policy.models[name].api  # the API its chat requests are sent in
     poller = Poller(pools.values(), server.health_check_interval_s, server.metrics_interval_s)
     dispatch = dispatch_settings(policy)
     dispatcher = Dispatcher(pools, sender, dispatch, tracker)

@@ -279,7 +279,8 @@ def status_error(status: int, payload: bytes, retry_after: str | None) -> Upstre
             error_type, code, param = error.get("type"), error.get("code"), error.get("param")
         elif isinstance(error, str):
             message = error
-    client_status = status if status < 500 or status == 503 else 502
+    # Anthropic's 529 (overloaded) is a 503: busy, not broken; try another replica.
+    client_status = status if status < 500 or status == 503 else 503 if status == 529 else 502
     if status == 429:
         error_type = "rate_limit_error"
     elif status >= 500:

@@ -38,6 +38,9 @@ class ParsedRequest:
     client_wants_usage: bool
     hints: RequestHints = NO_HINTS
     dialect: str = "chat"  # the client's API: chat | messages | responses (gateway.dialects)
+    # A dialect's body as the client sent it (a Responses conversation expanded): what a
+    # backend of the same API is sent instead of `body` (gateway/backend_api/native.py).
+    native_body: Mapping[str, Any] | None = None
     max_tokens: int | None = field(init=False)
     choices: int = field(init=False)
 
@@ -126,6 +129,7 @@ def checked_request(
     kind: RequestKind,
     headers: Mapping[str, str] | None = None,
     dialect: str = "chat",
+    native_body: Mapping[str, Any] | None = None,
 ) -> ParsedRequest:
     """`body` held to its OpenAI schema. A dialect's request arrives here translated to a
     chat body (`gateway.dialects`) that its own schema checked already: OpenAI's limits
@@ -155,6 +159,7 @@ def checked_request(
         client_wants_usage=isinstance(options, dict) and options.get("include_usage") is True,
         hints=hints,
         dialect=dialect,
+        native_body=native_body,
     )
 
 

@@ -24,8 +24,10 @@ from gateway.policy import CacheSettings
 __all__ = [
     "CACHE_HEADER",
     "IGNORED_FIELDS",
+    "NATIVE_BYPASS",
     "CachePlan",
     "CacheStatus",
+    "bypassed",
     "cache_key",
     "invalidation_pattern",
     "make_plan",
@@ -96,7 +98,7 @@ def make_plan(
     """
 
     def bypass(reason: str) -> CachePlan:
-        return CachePlan(kind, model, "", lookup=False, store=False, ttl_s=0.0, reason=reason)
+        return bypassed(kind, model, reason)
 
     tier_settings = settings.tiers.get(tier)
     if not settings.enabled:
@@ -116,6 +118,18 @@ def make_plan(
     reason = None if lookup and store else f"the client sent {'no-store' if lookup else 'no-cache'}"
     key = cache_key(scope, model, kind, body, dialect)
     return CachePlan(kind, model, key, lookup=lookup, store=store, ttl_s=ttl_s, reason=reason)
+
+
+def bypassed(kind: RequestKind, model: str, reason: str) -> CachePlan:
+    """A plan that neither looks up nor stores, and says why."""
+    return CachePlan(kind, model, "", lookup=False, store=False, ttl_s=0.0, reason=reason)
+
+
+# A native pass-through answer (gateway/backend_api/native.py) is not cached: the cache
+# stores chat answers and replays them through the client's translation, and a native one
+# is not a chat answer. Recording the backend's bytes as they are would need a replay per
+# API (and a Responses id made per request) for the one case where nothing is translated.
+NATIVE_BYPASS = "a native pass-through answer is not cached"
 
 
 def cache_key(

@@ -17,6 +17,10 @@ from typing import TypeVar
 
 import orjson
 
+from gateway.backend_api import Mode, mode
+from gateway.backend_api.messages_answer import MessagesStream, chat_from_message
+from gateway.backend_api.native import read_native, relay_native
+from gateway.backend_api.responses_answer import ResponsesStream, chat_from_response
 from gateway.dispatch.books import Books
 from gateway.dispatch.job import Attempt, Job, Started, late_answer
 from gateway.errors import TriageError, UpstreamError
@@ -64,6 +68,13 @@ class Dispatched:
         return self._job.view.matched.get(self.replica.url)
 
     @property
+    def mode(self) -> Mode:
+        """How the pool that answered was spoken to: `native` when it speaks the client's
+        own API (its answer goes to the client as sent), `translate` when its API is
+        neither chat nor the client's (its answer is read as a chat answer), else `chat`."""
+        return mode(self.pool.api, self._job.parsed.dialect)
+
+    @property
     def retries(self) -> int:
         """Sends after the first that were not hedges."""
         return self._job.retries
@@ -73,6 +84,13 @@ class Dispatched:
         `"model"` the policy's name; what it says, or how it failed, goes on `outcome`."""
         try:
             payload = await self.within_deadline(self._started.response.read())
+            how, api = self.mode, self.pool.api
+            if how == "native":
+                return read_native(api, payload, outcome, self._rename())
+            if how == "translate":
+                payload = chat_from_message(payload) if api == "messages" else (
+                    chat_from_response(payload)
+                )
             return read_answer(payload, outcome, self.pool.model)
         except TriageError as error:
             outcome.error = error  # the replica failed it: the balancer is told at finish
@@ -82,11 +100,21 @@ class Dispatched:
         """The stream for the client, a batch of events at a time (see `relay_events`).
 
         A stream that fails raises its `TriageError` (put on `outcome` first): the
-        response that carries it to the client ends with an error event.
+        response that carries it to the client ends with an error event. A native stream
+        is relayed as the backend sent it; a translated one as the chat stream it becomes.
         """
+        how, api = self.mode, self.pool.api
+        if how == "native":
+            return relay_native(api, self.events(), outcome, self._rename())
+        events: AsyncIterator[bytes] = self.events()
+        if how == "translate":
+            stream = MessagesStream() if api == "messages" else ResponsesStream()
+            events = stream.translate(events)
+        return relay_events(events, outcome, strip_usage_chunk, self._rename())
+
+    def _rename(self) -> ModelRename | None:
         served, model = self.pool.served_name, self.pool.model
-        rename = model_rename(served, model) if served != model else None
-        return relay_events(self.events(), outcome, strip_usage_chunk, rename)
+        return model_rename(served, model) if served != model else None
 
     def events(self) -> AsyncGenerator[bytes, None]:
         """The stream's raw event batches, starting with the one already read, as they

@@ -7,6 +7,11 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 
 from gateway.api.request import ParsedRequest
+from gateway.api.schemas import UPSTREAM_PATHS
+from gateway.backend_api import API_PATHS, mode
+from gateway.backend_api.messages_request import messages_request
+from gateway.backend_api.native import native_body
+from gateway.backend_api.responses_request import responses_request
 from gateway.dispatch.settings import TierRules
 from gateway.errors import TriageError, UpstreamStatus, UpstreamTimeout
 from gateway.pools import Pool
@@ -48,7 +53,7 @@ class Job:
     # Where it got an answered 5xx (see `Books.attempt_failed`): its retries stay in that pool.
     answered_in: tuple[str, Pool] | None = None
     last_sent: Attempt | None = None  # a failure no send claimed (a timeout) is put on it
-    _bodies: dict[str, bytes] = field(default_factory=dict)
+    _bodies: dict[tuple[str, str], bytes] = field(default_factory=dict)
 
     @property
     def stream(self) -> bool:
@@ -68,11 +73,32 @@ class Job:
         return _EXPLORE_AFTER_S[self.priority]
 
     def body(self, pool: Pool) -> bytes:
-        body = self._bodies.get(pool.served_name)
+        """What `pool` is sent: built once per served name and API, as each pool speaks
+        (`gateway.backend_api`); a field its API cannot carry raises the client's 400."""
+        key = (pool.served_name, pool.api)
+        body = self._bodies.get(key)
         if body is None:
-            body = self.parsed.upstream_body(pool.served_name, self.max_tokens_cap)
-            self._bodies[pool.served_name] = body
+            body = self._build(pool)
+            self._bodies[key] = body
         return body
+
+    def path(self, pool: Pool) -> str:
+        """Where under a replica's base URL the request goes for `pool`."""
+        if pool.api == "chat":
+            return UPSTREAM_PATHS[self.parsed.kind]
+        return API_PATHS[pool.api]
+
+    def _build(self, pool: Pool) -> bytes:
+        parsed, served = self.parsed, pool.served_name
+        how = mode(pool.api, parsed.dialect)
+        if how == "chat":
+            return parsed.upstream_body(served, self.max_tokens_cap)
+        if how == "native":
+            assert parsed.native_body is not None, "a dialect's request keeps its own body"
+            return native_body(pool.api, parsed.native_body, served, self.max_tokens_cap)
+        if pool.api == "messages":
+            return messages_request(parsed.body, served, self.max_tokens)
+        return responses_request(parsed.body, served, self.max_tokens)
 
 
 @dataclass(eq=False, slots=True)

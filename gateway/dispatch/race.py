@@ -11,7 +11,6 @@ from collections.abc import Collection, Mapping
 from typing import Protocol
 
 from gateway.api.request import ParsedRequest
-from gateway.api.schemas import UPSTREAM_PATHS
 from gateway.dispatch.admission import Admission, live, no_healthy_replica
 from gateway.dispatch.answer import Dispatched
 from gateway.dispatch.books import Books
@@ -204,7 +203,7 @@ class Dispatcher:
             raise
 
     async def _post(self, job: Job, attempt: Attempt) -> Started:
-        path = UPSTREAM_PATHS[job.parsed.kind]
+        path = job.path(attempt.pool)
         body = job.body(attempt.pool)
         headers = attempt.span.inject(job.headers)  # this send's own traceparent
         response = await self.sender.post(attempt.pool, attempt.replica, path, body, headers)
