@@ -165,6 +165,8 @@ class Upstream:
         """Send the request; return the response once its headers arrive with a 2xx status."""
         if pool.api_key:
             headers = {**headers, "authorization": f"Bearer {pool.api_key}"}
+        if pool.api == "messages":
+            headers = {**headers, **_messages_headers(pool.api_key)}
         # A payload made here, not by aiohttp's registry from the bytes, carries the
         # content type itself: ~2 µs less per send.
         data = BytesPayload(body, content_type="application/json")
@@ -180,6 +182,15 @@ class Upstream:
                 response.close()
             raise status_error(response.status, payload, response.headers.get("retry-after"))
         return UpstreamResponse(response, replica)
+
+
+def _messages_headers(api_key: str | None) -> dict[str, str]:
+    """What a Messages API server reads besides the body: the API version, and the key as
+    `x-api-key` (Anthropic's header; vLLM reads the Bearer one, so both are sent)."""
+    headers = {"anthropic-version": "2023-06-01"}
+    if api_key:
+        headers["x-api-key"] = api_key
+    return headers
 
 
 @dataclass(frozen=True, slots=True)

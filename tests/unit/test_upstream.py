@@ -287,3 +287,43 @@ def test_a_flat_error_body_keeps_its_message() -> None:
     body = b'{"object": "error", "message": "bad penalty", "type": "Bad Request", "code": 400}'
     error = status_error(400, body, None)
     assert (error.status_code, error.message) == (400, "bad penalty")
+
+
+@pytest.mark.parametrize(("api", "expected"), [("chat", None), ("messages", "2023-06-01")])
+async def test_a_messages_backend_is_sent_its_version_and_key_headers(
+    api: str, expected: str | None
+) -> None:
+    """A real server on loopback records what an `api: messages` pool is sent: Anthropic's
+    version header and the key as `x-api-key` beside the Bearer one; a chat pool gets
+    neither."""
+    from aiohttp import web
+
+    from gateway.pools import Pool
+    from gateway.upstream import Upstream
+
+    seen: list[dict[str, str]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    pool = Pool.from_urls("m", [f"http://127.0.0.1:{port}/v1"], None, "sk-backend")
+    pool.api = api  # type: ignore[assignment]
+    upstream = Upstream.open(4, 5.0, 5.0)
+    try:
+        response = await upstream.post(pool, pool.replicas[0], "/messages", b"{}", {})
+        await response.read()
+    finally:
+        await upstream.close()
+        await runner.cleanup()
+    (headers,) = seen
+    assert headers.get("anthropic-version") == expected
+    assert headers.get("x-api-key") == ("sk-backend" if expected else None)
+    assert headers["Authorization"] == "Bearer sk-backend"
