@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from classifiers.adapt import TrafficConfig, adapt, blended_model  # noqa: E402
+from classifiers.adapt import TrafficConfig, adapt, blended_model, margin_bounds  # noqa: E402
 from classifiers.crossval import choose_length_weight, mixture_apgr  # noqa: E402
 from classifiers.data import read_rows  # noqa: E402
 from classifiers.features import Features, extract  # noqa: E402
@@ -127,11 +127,72 @@ def _apgr(scores: NDArray[np.float64], rows: Sequence[LabelledRequest], mixture:
     return mixture_apgr(scores, gains, [1.0 / counts[s] for s in sources])
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterPrior:
+    """Experiment (off by default): a per-cluster mean-gain term added to the score.
+
+    k-means over the standardised dense features of the base rows and the labels (no
+    outcome is used to cluster); each cluster's mean gain on the K labels, shrunk towards
+    the labels' mean by `shrink` pseudo-rows; added to the model's standardised score with
+    weight `weight` (both standardised on the labels).
+    """
+
+    clusters: int = 0
+    weight: float = 1.0
+    shrink: float = 20.0
+    guard: bool = True
+
+
+def _cluster_scores(
+    prior: ClusterPrior,
+    dense: NDArray[np.float64],
+    fit_rows: list[int],
+    labels: list[int],
+    gains: NDArray[np.float64],
+    seed: int,
+) -> NDArray[np.float64]:
+    """Every row's cluster mean gain (shrunk)."""
+    from sklearn.cluster import KMeans
+
+    means = KMeans(prior.clusters, n_init=3, random_state=seed).fit(dense[fit_rows])
+    assigned = means.predict(dense)
+
+    def cluster_means(known: list[int]) -> NDArray[np.float64]:
+        overall = float(gains[known].mean())
+        per = np.full(prior.clusters, overall)
+        for c in range(prior.clusters):
+            members = [i for i in known if assigned[i] == c]
+            per[c] = (gains[members].sum() + prior.shrink * overall) / (len(members) + prior.shrink)
+        return per
+
+    # The same guard as the length blend: out-of-fold on the labels, the cluster term alone
+    # must beat prompt length at 95 % one-sided confidence, else it is left out (zeros).
+    order = np.random.default_rng(seed).permutation(len(labels))
+    oof = np.zeros(len(labels))
+    for fold in range(5):
+        held = order[fold::5]
+        known = [labels[i] for i in np.setdiff1d(order, held)]
+        oof[held] = cluster_means(known)[assigned[[labels[i] for i in held]]]
+    lengths = dense[labels, 0]
+    bound = margin_bounds(oof[None, :], lengths, gains[labels], 0.95, 500, seed=seed)[0]
+    if prior.guard and not bound > 0:
+        return np.zeros(len(dense))
+    result: NDArray[np.float64] = cluster_means(labels)[assigned]
+    return result
+
+
+def _z(values: NDArray[np.float64], reference: NDArray[np.float64]) -> NDArray[np.float64]:
+    result: NDArray[np.float64] = (values - reference.mean()) / (reference.std() or 1.0)
+    return result
+
+
 def run_split(
     split: Split,
     rows: Sequence[LabelledRequest],
     features: Sequence[Features],
     config: TrafficConfig,
+    prior: ClusterPrior | None = None,
+    seed: int = 0,
 ) -> dict[str, float]:
     """APGR of every router on the split's scored rows: model at each K and the baselines."""
     mixture = split.name.startswith("mixture")
@@ -150,6 +211,11 @@ def run_split(
     scored_rows = [rows[i] for i in scored]
     scored_features = [features[i] for i in scored]
     result: dict[str, float] = {}
+    if prior is not None and prior.clusters:
+        dense = (np.array([f.dense for f in features]) - np.asarray(linear.mean)) / np.asarray(
+            linear.scale
+        )
+        gains = np.array([r.strong - r.weak for r in rows])
     for k in split.ks:
         labels = split.labels(k)
         assert not set(labels) & set(scored), "a scored row was trained on"
@@ -157,7 +223,12 @@ def run_split(
         if k:
             fit = adapt(linear, [rows[i] for i in labels], [features[i] for i in labels], config)
         model = base if fit is None else blended_model(fit)
-        result[f"K={k}"] = _apgr(raw_scores(model, scored_features), scored_rows, mixture)
+        scores = raw_scores(model, scored_features)
+        if fit is not None and prior is not None and prior.clusters:
+            cluster = _cluster_scores(prior, dense, split.base + labels, labels, gains, seed)
+            on_labels = raw_scores(model, [features[i] for i in labels])
+            scores = _z(scores, on_labels) + prior.weight * _z(cluster[scored], cluster[labels])
+        result[f"K={k}"] = _apgr(scores, scored_rows, mixture)
         if fit is not None:
             result[f"w@K={k}"] = fit.length_weight
     lengths = np.array([f.dense[0] for f in scored_features])
@@ -183,6 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--confidence", type=float, default=TrafficConfig().confidence)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--only", default="", help="run only splits whose name starts so")
+    parser.add_argument("--clusters", type=int, default=0, help="experiment: ClusterPrior")
+    parser.add_argument("--cluster-weight", type=float, default=1.0)
+    parser.add_argument("--cluster-shrink", type=float, default=20.0)
+    parser.add_argument("--no-cluster-guard", action="store_true")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     raw = [
@@ -204,7 +279,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for split in splits(rows, seed):
             if not split.name.startswith(args.only):
                 continue
-            table.setdefault(split.name, []).append(run_split(split, rows, features, config))
+            prior = ClusterPrior(
+                args.clusters, args.cluster_weight, args.cluster_shrink, not args.no_cluster_guard
+            )
+            result = run_split(split, rows, features, config, prior, seed)
+            table.setdefault(split.name, []).append(result)
     columns = [*(f"K={k}" for k in KS), "length", "random", "oracle"]
     print(
         f"traffic weight {config.weight:g}, alpha {config.alpha:g}, dense_alpha "

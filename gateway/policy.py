@@ -45,6 +45,7 @@ __all__ = [
     "PrefixBalancing",
     "Price",
     "ResponsesSettings",
+    "RetrainSettings",
     "Retries",
     "Routing",
     "Rule",
@@ -279,6 +280,21 @@ class ShadowSettings(_Strict):
     max_in_flight: int = Field(4, ge=1)  # comparisons at once; more are dropped, counted
 
 
+class RetrainSettings(_Strict):
+    """Scheduled retraining (gateway/retrain.py): `triage classifier train --traffic` then
+    `promote` into `routing.classifier`, by one replica at a time, and a reload on promotion."""
+
+    data: tuple[str, ...] = Field(min_length=1)  # the base training data, as `train --data`
+    labels: tuple[str, ...] = ()  # traffic labels; (): routing.shadow's file, else feedback's
+    interval_s: float = Field(3600.0, gt=0)  # at least this long between two runs
+    min_new_labels: int = Field(200, ge=1)  # labelled rows added since the last run
+    candidates: str = "candidates"  # where each run's candidate model is written
+    keep_candidates: int = Field(5, ge=1)  # the newest runs' candidates are kept, no more
+    holdout: float = Field(0.2, gt=0, lt=1)  # labels never trained on: what promote compares
+    timeout_s: float = Field(1800.0, gt=0)  # a run taking longer is killed
+    check_s: float = Field(10.0, gt=0)  # how often new labels and a new model are looked for
+
+
 class Routing(_Strict):
     default_tier: str | None = None
     classifier: str | None = None
@@ -294,6 +310,7 @@ class Routing(_Strict):
     timeout_factor: float = Field(2.0, ge=1)
     feedback: FeedbackSettings | None = None
     shadow: ShadowSettings | None = None
+    retrain: RetrainSettings | None = None
 
 
 class ResponsesSettings(_Strict):
@@ -717,6 +734,7 @@ def _check_references(policy: Policy, base_dir: Path | None) -> list[str]:
     errors += _check_endpoints(policy)
     errors += _check_tenant_references(policy)
     errors += _check_shadow(policy)
+    errors += _check_retrain(policy)
     if policy.budgets.reservation_ttl_s <= policy.server.upstream_timeout_s:
         errors.append(
             "budgets.reservation_ttl_s: must be > server.upstream_timeout_s "
@@ -806,6 +824,19 @@ def _check_shadow(policy: Policy) -> list[str]:
         errors.append(f"routing.shadow.judge: {judge!r} does not serve chat")
     if policy.routing.feedback is None:
         errors.append("routing.shadow: needs routing.feedback (the routing rows its labels join)")
+    return errors
+
+
+def _check_retrain(policy: Policy) -> list[str]:
+    """`routing.retrain` replaces `routing.classifier`, from labels it can find."""
+    routing = policy.routing
+    if routing.retrain is None:
+        return []
+    errors = []
+    if routing.classifier is None:
+        errors.append("routing.retrain: needs routing.classifier (the model it replaces)")
+    if not routing.retrain.labels and routing.feedback is None:
+        errors.append("routing.retrain.labels: required without routing.feedback or shadow")
     return errors
 
 

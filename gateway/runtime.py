@@ -26,6 +26,7 @@ from gateway.poller import Poller
 from gateway.pools import Pool
 from gateway.prefix import PrefixSettings
 from gateway.replica import ReplicaSettings
+from gateway.retrain import Retrainer, retrainer
 from gateway.router import DifficultyScorer, Router
 from gateway.shadow import Shadow
 from gateway.simulated import SimulatedFleet
@@ -77,6 +78,7 @@ class Runtime:
     response_store: ResponseStore
     feedback: FeedbackLog | None = None
     shadow: Shadow | None = None  # also reached through `feedback.shadow`
+    retrain: Retrainer | None = None  # `routing.retrain`: one schedule per runtime
 
     def ready(self) -> dict[str, bool]:
         """Per tier: does at least one of its models have a healthy replica?"""
@@ -106,8 +108,12 @@ class Runtime:
                     [f"routing.shadow.path: cannot open {path}: {exc.strerror}"]
                 ) from exc
         self.poller.start()
+        if self.retrain is not None:
+            self.retrain.start()
 
     async def close(self) -> None:
+        if self.retrain is not None:
+            await self.retrain.close()  # kills a run in progress, releases its lock
         await self.poller.stop()
         if self.shadow is not None:
             await self.shadow.close()  # cancels the comparisons still running
@@ -163,7 +169,7 @@ async def build_runtime(
     )
     return Runtime(
         policy, router, pools, poller, auth, cache, prices, tier_prices, ledger, dispatcher,
-        responses, feedback, shadow,
+        responses, feedback, shadow, retrainer(policy, base_dir, store),
     )  # fmt: skip
 
 
