@@ -123,7 +123,7 @@ newline (as the ConfigMap's block scalar stores it, so the checksum is of the ex
 {{- if hasKey $policy "Error" }}
 {{- fail (printf "policy: not a YAML mapping: %s" $policy.Error) }}
 {{- end }}
-{{- $sections := list "version" "server" "models" "tiers" "routing" "store" "cache" "auth" "tenants" "budgets" "telemetry" }}
+{{- $sections := list "version" "server" "models" "tiers" "routing" "store" "cache" "auth" "tenants" "budgets" "telemetry" "aliases" "responses" }}
 {{- range $key, $_ := $policy }}
 {{- if not (has $key $sections) }}
 {{- fail (printf "policy.%s: unknown section (valid: %s)" $key (join ", " $sections)) }}
