@@ -24,8 +24,10 @@ from gateway.store import RedisStore
 from tests.integration.conftest import (
     TRIAGE,
     Service,
+    eventually,
     free_port,
     policy_for,
+    sim_stats,
     start_service,
     start_sim,
 )
@@ -122,7 +124,9 @@ def test_sigterm_drains_requests_and_streams_then_settles(
         tokens = 60  # 1.2 s each at 20 ms a token
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(request, gateway, tokens, i % 2 == 0) for i in range(6)]
-            time.sleep(0.25)
+            # All six are being generated before the signal: on a loaded machine a fixed
+            # pause let the listener close before some had connected.
+            assert eventually(lambda: sim_stats(slow)["running"] == 6, seconds=10)
             signalled = time.monotonic()
             gateway.process.send_signal(signal.SIGTERM)
             # It stops accepting while the requests in flight are still being answered.
@@ -191,7 +195,7 @@ def test_stream_still_running_at_the_deadline_ends_with_an_error_event(
                         lines.append(f"cut: {exc!r}")
 
             future = pool.submit(consume)
-            time.sleep(0.3)
+            assert eventually(lambda: sim_stats(slow)["running"] == 1, seconds=10)
             signalled = time.monotonic()
             gateway.process.send_signal(signal.SIGTERM)
             future.result(timeout=15)
