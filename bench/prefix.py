@@ -1,7 +1,8 @@
 """Prefix-aware replica choice against round robin and P2C, on pools whose prefill dominates.
 
-    .venv/bin/python bench/prefix.py [--duration 15] [--tenants 40] [--sessions 8] [--seed 3]
-                                     [--balancers round_robin slo prefix] [--workloads ...]
+    .venv/bin/python bench/prefix.py [--duration 20] [--tenants 40] [--sessions 8] [--turns 12]
+                                     [--seed 3] [--balancers round_robin slo prefix]
+                                     [--workloads ...]
 
 Four simulated vLLM replicas (`triage sim`, fresh processes for every run, so every run
 starts with empty KV caches): 2 sequences at once each, 45 ms + 0.15 ms per uncached
@@ -10,15 +11,21 @@ prompt token to the first token, 12 ms per output token, and a KV cache of 4,000
 
 - shared50 / shared80: `--tenants` tenants, each with a 4-6k-token system prompt, and short
   questions; Poisson arrivals at 50 % and 80 % of the pool's capacity without prefix hits.
+  A warm-up comes first, at the same rate: each tenant's system prompt once, in random
+  order. It is not measured (nor are the sims' counters over it): steady state is what a
+  pool lives in, as in llm-d's benchmark, and a tenant's first request is a miss whatever
+  the balancer. Then `--duration` seconds of arrivals are measured.
 - agent: `--sessions` concurrent sessions (`x-session-id`), each turn resending the whole
-  conversation plus ~1.8k new tokens, from 2k to ~20k tokens over 10 turns.
-- random: prompts of 4-6k tokens with nothing shared, Poisson at 80 %.
+  conversation plus ~2.5k new tokens, from 4.5k to ~32k tokens over `--turns` turns; all
+  turns measured, the first (cold) ones included.
+- random: prompts of 4-6k tokens with nothing shared, Poisson at 80 % for `--duration`.
 
-Reported: TTFT p50/p90, e2e p90 (ms), output tokens/s, SLO attainment (TTFT <= 1 s and
-e2e <= 3 s), the pool's prefix-cache hit rate from the sims' /metrics, and an offline
-oracle's: the same requests, in order, each sent to the replica whose cache (the sim's own
-KVCache, same size) holds the most of it, among those within the load bound of requests
-placed so far (it knows the caches exactly, and ignores timing).
+Reported over the measured requests: TTFT p50/p90, e2e p90 (ms), output tokens/s, SLO
+attainment (TTFT <= 1 s and e2e <= 3 s), the pool's prefix-cache hit rate from the sims'
+/metrics (read when the measured phase starts and when it ends), and an offline oracle's:
+the same requests, warm-up included, in order, each sent to the replica whose cache (the
+sim's own KVCache, same size) holds the most of it, among those within the load bound of
+requests placed so far (it knows the caches exactly, and ignores timing).
 """
 
 from __future__ import annotations
@@ -76,6 +83,7 @@ class Request:
     at: float  # seconds from the start; agent turns: -1 (sent when the previous one ends)
     messages: tuple[dict[str, str], ...]
     session: str | None = None
+    measured: bool = True  # False: warm-up
 
 
 def capacity_rps(prompt_tokens: float) -> float:
@@ -92,14 +100,26 @@ def poisson(rng: random.Random, rate: float, duration: float) -> list[float]:
 
 
 def shared(rng: random.Random, tenants: int, load: float, duration: float) -> list[Request]:
+    """A warm-up (each tenant once, shuffled), then `duration` s of measured arrivals."""
     systems = [words(rng, rng.randint(4_000, 6_000)) for _ in range(tenants)]
     rate = load * capacity_rps(5_000)
-    out = []
-    for at in poisson(rng, rate, duration):
-        system = systems[rng.randrange(tenants)]
+
+    def ask(at: float, tenant: int, measured: bool) -> Request:
         question = words(rng, rng.randint(10, 40))
-        messages = ({"role": "system", "content": system}, {"role": "user", "content": question})
-        out.append(Request(at, messages))
+        messages = (
+            {"role": "system", "content": systems[tenant]},
+            {"role": "user", "content": question},
+        )
+        return Request(at, messages, measured=measured)
+
+    order = rng.sample(range(tenants), tenants)
+    out, at = [], 0.0
+    for tenant in order:
+        at += rng.expovariate(rate)
+        out.append(ask(at, tenant, False))
+    warmup = at
+    for offset in poisson(rng, rate, duration):
+        out.append(ask(warmup + offset, rng.randrange(tenants), True))
     return out
 
 
@@ -111,14 +131,14 @@ def unshared(rng: random.Random, load: float, duration: float) -> list[Request]:
     ]
 
 
-def agent(rng: random.Random, sessions: int, turns: int = 10) -> list[list[Request]]:
+def agent(rng: random.Random, sessions: int, turns: int) -> list[list[Request]]:
     """Per session, its turns in order: each resends everything so far plus a new message."""
     out = []
     for s in range(sessions):
         messages = [{"role": "system", "content": words(rng, 2_000)}]
         mine = []
         for _ in range(turns):
-            messages.append({"role": "user", "content": words(rng, 1_800)})
+            messages.append({"role": "user", "content": words(rng, 2_500)})
             mine.append(Request(-1, tuple(messages), f"session-{s}"))
             messages.append({"role": "assistant", "content": words(rng, 30)})
         out.append(mine)
@@ -245,11 +265,28 @@ async def send(session: aiohttp.ClientSession, url: str, request: Request) -> Re
     return result
 
 
-async def drive(url: str, timed: list[Request], sessions: list[list[Request]]) -> list[Result]:
+@dataclass
+class Run:
+    results: list[Result]  # timed requests first, then each session's turns in order
+    counters: tuple[float, float]  # the sims' prefix-cache hits and queries while measured
+    measured_s: float  # from the first measured request to the last answer
+
+
+async def drive(
+    url: str, timed: list[Request], sessions: list[list[Request]], sims: list[Sim]
+) -> Run:
+    """Send every request; the sims' counters are read as the first measured request is
+    sent (warm-up requests still in flight then count as measured: a few of ~100+)."""
     timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
     connector = aiohttp.TCPConnector(limit=0)
+    boundary = min((r.at for r in timed if r.measured), default=0.0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         started = time.monotonic()
+
+        async def snapshot() -> tuple[tuple[float, float], float]:
+            await asyncio.sleep(max(boundary - (time.monotonic() - started), 0.0))
+            began = time.monotonic()
+            return await asyncio.to_thread(prefix_counters, sims), began
 
         async def at(request: Request) -> Result:
             await asyncio.sleep(max(request.at - (time.monotonic() - started), 0.0))
@@ -258,10 +295,14 @@ async def drive(url: str, timed: list[Request], sessions: list[list[Request]]) -
         async def conversation(turns: list[Request]) -> list[Result]:
             return [await send(session, url, turn) for turn in turns]
 
+        first = asyncio.create_task(snapshot())
         results = list(await asyncio.gather(*(at(r) for r in timed)))
         for done in await asyncio.gather(*(conversation(s) for s in sessions)):
             results += done
-        return results
+        (hits, queries), began = await first
+        wall = time.monotonic() - began
+        end_hits, end_queries = await asyncio.to_thread(prefix_counters, sims)
+        return Run(results, (end_hits - hits, end_queries - queries), wall)
 
 
 # --- the oracle ------------------------------------------------------------------------------
@@ -269,7 +310,8 @@ async def drive(url: str, timed: list[Request], sessions: list[list[Request]]) -
 
 def oracle_hit_rate(requests: list[Request], load_factor: float = 1.25) -> float:
     """Each request, in order, to the replica whose cache holds most of its prompt, among
-    those within `load_factor` x the mean requests placed so far; caches as the sims'."""
+    those within `load_factor` x the mean requests placed so far; caches as the sims'.
+    Warm-up requests fill the caches but are not counted."""
     caches = [KVCache(KV_BLOCKS, BLOCK) for _ in range(REPLICAS)]
     placed = [0] * REPLICAS
     hits = queries = 0
@@ -283,9 +325,9 @@ def oracle_hit_rate(requests: list[Request], load_factor: float = 1.25) -> float
         placed[best] += 1
         lease = caches[best].allocate(hashes, count, count + MAX_TOKENS)
         if lease is not None:
-            hits += lease.cached_tokens
+            hits += lease.cached_tokens if request.measured else 0
             caches[best].free(lease)
-        queries += count
+        queries += count if request.measured else 0
     return hits / queries if queries else 0.0
 
 
@@ -318,24 +360,26 @@ def quantile(values: list[float], q: float) -> float:
 def summarize(
     workload: str,
     balancer: str,
-    results: list[Result],
-    wall_s: float,
-    counters: tuple[float, float],
+    run: Run,
+    requests: list[Request],
     oracle: float,
     sessions: list[list[Request]],
 ) -> Row:
+    """The measured requests' figures (`requests` in the order of `run.results`)."""
+    all_results = run.results
+    results = [r for r, q in zip(all_results, requests, strict=True) if q.measured]
     ok = [r for r in results if r.status == 200]
     ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
     spread = None
     if sessions:
         # Results of sessions come after the timed ones, in session order.
-        tail = results[len(results) - sum(len(s) for s in sessions) :]
+        tail = all_results[len(all_results) - sum(len(s) for s in sessions) :]
         seen, offset = [], 0
         for turns in sessions:
             seen.append(len({r.replica for r in tail[offset : offset + len(turns)]}))
             offset += len(turns)
         spread = statistics.mean(seen)
-    hits, queries = counters
+    hits, queries = run.counters
     return Row(
         workload=workload,
         balancer=balancer,
@@ -343,7 +387,7 @@ def summarize(
         ttft_p50_ms=quantile(ttfts, 0.5),
         ttft_p90_ms=quantile(ttfts, 0.9),
         e2e_p90_ms=quantile([r.e2e_s for r in ok if r.e2e_s is not None], 0.9),
-        output_tps=sum(r.output_tokens for r in ok) / wall_s,
+        output_tps=sum(r.output_tokens for r in ok) / run.measured_s,
         attainment=sum(r.met for r in results) / len(results) if results else 0.0,
         hit_rate=hits / queries if queries else 0.0,
         oracle=oracle,
@@ -371,9 +415,10 @@ def table(rows: list[Row]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds of arrivals")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds measured")
     parser.add_argument("--tenants", type=int, default=40)
     parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=12)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument(
         "--balancers", nargs="+", default=["round_robin", "slo", "prefix"],
@@ -398,7 +443,7 @@ def main() -> int:
         elif workload == "random":
             timed = unshared(rng, 0.8, args.duration)
         else:
-            sessions = agent(rng, args.sessions)
+            sessions = agent(rng, args.sessions, args.turns)
         # Sessions interleave in time; the oracle takes them turn by turn, round the sessions.
         turns = max(map(len, sessions), default=0)
         ordered = timed + [s[t] for t in range(turns) for s in sessions]
@@ -409,15 +454,13 @@ def main() -> int:
             gateway = None
             try:
                 url, gateway = start_gateway(balancer, sims, workdir, run)
-                began = time.monotonic()
-                results = asyncio.run(drive(url, timed, sessions))
-                wall = time.monotonic() - began
-                counters = prefix_counters(sims)
+                outcome = asyncio.run(drive(url, timed, sessions, sims))
             finally:
                 stop(gateway)
                 for sim in sims:
                     stop(sim.process)
-            row = summarize(workload, balancer, results, wall, counters, oracle, sessions)
+            requests = timed + [turn for turns in sessions for turn in turns]
+            row = summarize(workload, balancer, outcome, requests, oracle, sessions)
             print(table([row]).splitlines()[-1], file=sys.stderr)
             rows.append(row)
     print(table(rows))

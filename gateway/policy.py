@@ -134,6 +134,9 @@ class ModelSpec(_Strict):
     # APIs (vLLM serves both). A client speaking the same one is passed through natively,
     # any other is translated. These carry chat only: such a model serves `endpoints: [chat]`.
     api: BackendApi = "chat"
+    # How its pool chooses among its replicas, when not `server.balancer`: `prefix` for a
+    # pool whose requests share long prompt prefixes or sessions (gateway/prefix.py).
+    balancer: Literal["slo", "prefix"] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -369,9 +372,10 @@ class Server(_Strict):
     upstream_connections_per_replica: int = Field(256, ge=1)
     health_check_interval_s: float = Field(5.0, gt=0)
     # slo: SLO-aware power of two choices with admission, hedging and retries; prefix: the
-    # same, choosing first where the prompt's prefix and session went (`prefix:` below). The
-    # others are the usual baselines, each request sent once, there to be compared against.
-    balancer: Literal["slo", "prefix", "least_outstanding", "round_robin"] = "slo"
+    # same, choosing first where the prompt's prefix and session went (`prefix:` below; a
+    # pool of one replica computes nothing for it). A model's own `balancer` overrides this.
+    # The others are the usual baselines, each request sent once, there to be compared against.
+    balancer: Literal["slo", "prefix", "least_outstanding", "round_robin"] = "prefix"
     prefix: PrefixBalancing = PrefixBalancing()
     metrics_interval_s: float = Field(0.25, gt=0)  # how often replicas' /metrics are read
     breaker: Breaker = Breaker()
@@ -735,6 +739,7 @@ def _check_references(policy: Policy, base_dir: Path | None) -> list[str]:
     errors += _check_tenant_references(policy)
     errors += _check_shadow(policy)
     errors += _check_retrain(policy)
+    errors += _check_balancers(policy)
     if policy.budgets.reservation_ttl_s <= policy.server.upstream_timeout_s:
         errors.append(
             "budgets.reservation_ttl_s: must be > server.upstream_timeout_s "
@@ -825,6 +830,19 @@ def _check_shadow(policy: Policy) -> list[str]:
     if policy.routing.feedback is None:
         errors.append("routing.shadow: needs routing.feedback (the routing rows its labels join)")
     return errors
+
+
+def _check_balancers(policy: Policy) -> list[str]:
+    """A model's own `balancer` refines the SLO balancer's replica choice; round robin and
+    least outstanding are whole-gateway baselines, with no admission to share."""
+    if policy.server.balancer in ("slo", "prefix"):
+        return []
+    return [
+        f"models.{name}.balancer: needs server.balancer slo or prefix, not "
+        f"{policy.server.balancer!r}"
+        for name, spec in policy.models.items()
+        if spec.balancer is not None
+    ]
 
 
 def _check_retrain(policy: Policy) -> list[str]:

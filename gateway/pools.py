@@ -1,5 +1,4 @@
 """Pools of replicas serving one model: balancing, outlier detection across peers, panic.
-from gateway.backend_api import BackendApi
 
 A replica's own state (breaker, estimates, predictions) is `gateway.replica`; the
 background health and load polling is `gateway.poller`.
@@ -179,7 +178,7 @@ class Pool:
                 latency = self.default_latency(now)
                 chosen = min(best, key=lambda r: r.cost(now, latency))
         if chosen is None:
-            chosen = under[0] if len(under) == 1 else self._two_choices(now, under)
+            chosen = self._roomiest(now, index, under)
             matched = index.match(chosen.url, keys)
         elif session is not None and not matched:
             matched = index.match(chosen.url, keys)
@@ -188,6 +187,22 @@ class Pool:
         if session is not None and first:
             index.stick(session, chosen.url)
         return chosen
+
+    def _roomiest(self, now: float, index: PrefixIndex, under: list[Replica]) -> Replica:
+        """Where a prompt nothing has matched goes: of the replicas under the bound with the
+        fewest requests outstanding, two drawn at random, and of those the one the index
+        holds least on (then the cheaper). Its prefix (a new tenant, a new session) lives
+        where it lands from then on: two choices by cost alone put 3 of 8 agent sessions
+        starting together on one replica (its cache thrashing, p90 TTFT 2.5x the others').
+        Random draws, ties either way, not the cheapest of all: else one client's bad
+        requests (5xx from llama-cpp-python) all go one way and their retries the other,
+        and a replica is ejected as an outlier (tests/integration/test_health.py)."""
+        fewest = min(r.outstanding(now) for r in under)
+        least = [r for r in under if r.outstanding(now) <= fewest]
+        # In random order: ties go either way, as in `_two_choices`.
+        drawn = self.rng.sample(least, min(len(least), 2))
+        latency = self.default_latency(now)
+        return min(drawn, key=lambda r: (index.held(r.url), r.cost(now, latency)))
 
     def _round_robin(self, now: float, excluded: set[Replica]) -> Replica | None:
         count = len(self.replicas)

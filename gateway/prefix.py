@@ -158,6 +158,11 @@ class PrefixIndex:
     def sessions(self) -> int:
         return len(self._sessions)
 
+    def held(self, url: str) -> int:
+        """Keys held for the replica at `url`."""
+        keys = self._keys.get(url)
+        return 0 if keys is None else len(keys)
+
     def match(self, url: str, keys: Sequence[int]) -> int:
         """How many leading `keys` the replica at `url` was sent (and has not forgotten)."""
         held = self._keys.get(url)

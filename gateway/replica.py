@@ -146,6 +146,16 @@ class _Answers:
             self._errors -= events.popleft()[1]
         return len(events), self._errors
 
+    def forgive(self) -> None:
+        """The latest error still counted becomes a plain answer."""
+        events = self._events
+        for index in range(len(events) - 1, -1, -1):
+            at, error = events[index]
+            if error:
+                events[index] = (at, False)
+                self._errors -= 1
+                return
+
     def clear(self) -> None:
         self._events.clear()
         self._errors = 0
@@ -312,6 +322,15 @@ class Replica:
         pool = self.pool
         if pool is not None and pool.outlier(self, now) and self._may_eject(now):
             self._open(now, "outlier")
+
+    def answered(self, now: float) -> None:
+        """It answered, and the answer (even a 5xx) says nothing against it."""
+        self._answers.add(now, False)
+
+    def forgive(self) -> None:
+        """A 5xx it answered turned out to be the request's fault: another replica answered
+        the same. It counts as an answer, not an error, towards its outlier rate."""
+        self._answers.forgive()
 
     def answers(self, now: float) -> tuple[int, int]:
         """(answers, 5xx errors among them) in its recent window."""

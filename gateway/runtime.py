@@ -141,7 +141,7 @@ async def build_runtime(
             spec.replicas or simulated[name],
             spec.served_name,
             spec.api_key,
-            balancer=server.balancer,
+            balancer=spec.balancer or server.balancer,
             settings=replicas,
             capacity=spec.max_num_seqs,
             backend=spec.backend,

@@ -32,7 +32,8 @@ class Books:
         other answered 5xx is the replica's answer to this very request, maybe the one
         every replica gives to a malformed request (llama-cpp-python answers those with
         500): it is tried once more, on another replica of the same pool, and never on
-        another tier; a second answered 5xx ends it. No answer (reset, timeout) counts
+        another tier; a second answered 5xx ends it, and then neither counts against its
+        replica (the request is the likelier culprit). No answer (reset, timeout) counts
         towards ejection, and the request may be retried anywhere, as before.
         """
         now = time.monotonic()
@@ -52,12 +53,19 @@ class Books:
                 return False  # the request's own fault: any replica would say the same
             replica.throttle(now, error.retry_after or 1.0)
             return True
-        replica.errored(now)
         if error.status_code == 503:
+            replica.errored(now)
             return True  # the replica did not start it
-        if job.answered_in is not None:
-            return False  # failed the same way twice: it is the request, most likely
+        if job.errored_on is not None:
+            # Failed the same way on two replicas: the request, most likely. Neither answer
+            # counts against its replica, or a tenant's malformed requests, retried onto
+            # whichever replica is the other one, would make it an outlier of its pool.
+            replica.answered(now)
+            job.errored_on.forgive()
+            return False
+        replica.errored(now)
         job.answered_in = (attempt.tier, attempt.pool)
+        job.errored_on = replica
         return job.rules.idempotent
 
     def answered(self, job: Job, attempt: Attempt, outcome: Outcome) -> None:

@@ -52,6 +52,8 @@ class Job:
     retries: int = 0
     # Where it got an answered 5xx (see `Books.attempt_failed`): its retries stay in that pool.
     answered_in: tuple[str, Pool] | None = None
+    # The replica whose 5xx answer that was: forgiven if another replica answers the same.
+    errored_on: Replica | None = None
     last_sent: Attempt | None = None  # a failure no send claimed (a timeout) is put on it
     _bodies: dict[tuple[str, str], bytes] = field(default_factory=dict)
 

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import pytest
 
@@ -29,7 +30,10 @@ def system(name: str) -> str:
     return f"You are the assistant of tenant {name}. " * 200  # ~8k characters
 
 
-def policy(urls: list[str], balancer: str) -> dict[str, Any]:
+def policy(urls: list[str], balancer: str, model_balancer: str | None = None) -> dict[str, Any]:
+    model: dict[str, Any] = {"replicas": urls}
+    if model_balancer is not None:
+        model["balancer"] = model_balancer
     return {
         "version": 1,
         "server": {
@@ -38,7 +42,7 @@ def policy(urls: list[str], balancer: str) -> dict[str, Any]:
             "health_check_interval_s": 0.2,
             "prefix": {"replica_header": True},
         },
-        "models": {SMALL: {"replicas": urls}},
+        "models": {SMALL: model},
         "tiers": {"cheap": {"models": [SMALL]}},
         "cache": {"enabled": False},
     }
@@ -85,6 +89,47 @@ def test_the_turns_of_a_session_land_on_one_replica(gateway: Service) -> None:
     assert len(set(replicas)) == 1
     line = request_line(gateway, answer.headers["x-triage-request-id"])
     assert line["prefix_chars"] > 0  # the conversation so far was expected cached there
+
+
+def test_a_messages_api_conversation_keys_its_session_on_metadata_user_id(
+    gateway: Service,
+) -> None:
+    # The Messages dialect carries `metadata.user_id` as the chat body's `user`: a session
+    # key the policy trusts (`session: any`). Each turn's system prompt is new (~2k
+    # characters), so its prefix matches nowhere and would go to the replica holding least:
+    # only the session keeps the turns together.
+    client = anthropic.Anthropic(base_url=gateway.url, api_key="sk-any", max_retries=0)
+    messages: list[anthropic.types.MessageParam] = []
+    replicas = []
+    for turn in range(6):
+        messages.append({"role": "user", "content": f"turn {turn} of s1"})
+        raw = client.messages.with_raw_response.create(
+            model="auto",
+            max_tokens=4,
+            system=f"context of turn {turn}. " * 100,
+            messages=messages,
+            metadata={"user_id": "s1"},
+        )
+        replicas.append(raw.headers["x-triage-replica"])
+        answer = raw.parse()
+        text = "".join(block.text for block in answer.content if block.type == "text")
+        messages.append({"role": "assistant", "content": text or "ok"})
+    assert len(set(replicas)) == 1
+
+
+def test_a_model_opts_into_the_prefix_balancer_under_the_slo_default(
+    log_dir: Path, services: Services, sims: list[Service]
+) -> None:
+    urls = [s.url for s in sims]
+    gateway = services(start_gateway(log_dir, policy(urls, "slo", model_balancer="prefix")))
+    messages = [{"role": "system", "content": "short"}]
+    replicas = set()
+    for turn in range(6):
+        messages.append({"role": "user", "content": f"turn {turn} " * 30})
+        answer = ask(gateway, messages, headers={"x-session-id": "conversation-3"})
+        replicas.add(answer.headers["x-triage-replica"])
+    assert len(replicas) == 1
+    assert request_line(gateway, answer.headers["x-triage-request-id"])["prefix_chars"] > 0
 
 
 def test_the_sims_hit_their_prefix_cache_more_than_under_round_robin(

@@ -394,6 +394,30 @@ async def test_one_clients_bad_requests_eject_nothing() -> None:
     assert all(p.healthy() for p in dispatcher.pools.values())
 
 
+async def test_a_request_two_replicas_fail_alike_counts_against_neither() -> None:
+    """A malformed request answered 500 by its replica and by the retry's is the request's
+    fault: neither answer counts towards either replica's outlier rate. Otherwise the
+    replica that only ever gets the retries (prefix affinity sends the first sends of one
+    tenant's prompts to the same replica) looks like an outlier: all its answers are 5xx."""
+    bad = [Script("status", 500)]
+    sender = FakeSender({url("s0"): bad, url("s1"): bad})
+    dispatcher = make(sender, rules=TierRules(target=CHEAP, idempotent=True))
+    with pytest.raises(UpstreamStatus):
+        await dispatch(dispatcher)
+    assert sorted(sender.sent) == [url("s0"), url("s1")]
+    now = time.monotonic()
+    assert [replica_of(dispatcher, n).answers(now) for n in ("s0", "s1")] == [(1, 0), (1, 0)]
+
+
+async def test_an_answered_error_a_peer_does_not_repeat_still_counts() -> None:
+    sender = FakeSender({url("s0"): [Script("status", 500)]})
+    dispatcher = make(sender)
+    slow(replica_of(dispatcher, "s1"), 0.1)  # so s0 is tried first
+    dispatched = await dispatch(dispatcher)
+    dispatched.finish(done())
+    assert replica_of(dispatcher, "s0").answers(time.monotonic()) == (1, 1)
+
+
 # --- hedging and deadlines -------------------------------------------------------------
 
 

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
+
+import pytest
+import yaml
 
 from gateway.api.hints import read_hints
 from gateway.api.request import ParsedRequest
+from gateway.policy import PolicyError, parse_policy
 from gateway.pools import Pool
 from gateway.prefix import PrefixIndex, PrefixSettings, chunk_keys, render_chat, replica_id
 from gateway.replica import Replica
 from gateway.request_view import RequestView, session_key
 
+ROOT = Path(__file__).resolve().parents[2]
 SYSTEM = "You are a careful assistant. " * 40  # ~1.1k characters, 4 chunks of 256
 
 
@@ -133,6 +139,41 @@ def test_a_hot_prefix_spills_over_at_the_load_bound() -> None:
     for replica in chosen:
         replica.end(False)
     assert p.pick(request=view(chat("later"))) in set(chosen)
+
+
+def test_new_prompts_spread_evenly_across_the_pool() -> None:
+    # Tenants arriving one at a time, each finished before the next: the replicas are idle,
+    # so of the two drawn (here: both) the one the index holds least on takes the next.
+    p = pool(2)
+    for tenant in range(6):
+        replica = p.pick(request=view(chat("q", system=f"tenant {tenant} " * 100)))
+        assert replica is not None
+    assert p.prefix is not None
+    held = [p.prefix.held(r.url) for r in p.replicas]
+    assert held[0] > 0 and held[0] == held[1]  # three tenants' keys each
+    # Eight sessions starting at once: two on each replica.
+    p = pool()
+    for session in range(8):
+        replica = p.pick(request=view(chat("hi", system="short"), {"x-session-id": f"{session}"}))
+        assert replica is not None
+        replica.begin(time.monotonic())
+    assert [r.in_flight for r in p.replicas] == [2, 2, 2, 2]
+
+
+def test_a_models_own_balancer_is_checked_against_the_servers() -> None:
+    raw = yaml.safe_load((ROOT / "policies/demo.yaml").read_text())
+    model = next(iter(raw["models"]))
+    raw["models"][model]["balancer"] = "prefix"
+    assert parse_policy(raw, {}).models[model].balancer == "prefix"
+    raw["server"] = {**raw.get("server", {}), "balancer": "round_robin"}
+    with pytest.raises(PolicyError) as info:
+        parse_policy(raw, {})
+    assert info.value.errors == [
+        f"models.{model}.balancer: needs server.balancer slo or prefix, not 'round_robin'"
+    ]
+    raw["models"][model]["balancer"] = "least_outstanding"
+    with pytest.raises(PolicyError):
+        parse_policy(raw, {})
 
 
 def test_a_session_stays_on_its_replica_while_healthy_then_moves() -> None:
