@@ -5,10 +5,14 @@
 
 A stub backend (`triage sim --profile instant`, its own process) answers a seeded mix
 of chat requests; wrk (its own process) drives each target at each concurrency, for
-non-streaming and streaming requests. Reported per run: throughput, p50/p95/p99
-latency, latency added over the direct run at the same concurrency, the target's CPU
-time per request and its peak RSS. LiteLLM's proxy is installed into
-bench/.venv-litellm on first use (skipped with a message if that fails).
+non-streaming and streaming requests. `triage-messages` and `triage-responses` send the
+same prompts to the same gateway process as Anthropic Messages and OpenAI Responses
+requests, which it translates to chat for the same backend work (and stores each
+Responses answer, as a client that leaves `store` unset asks): their CPU per request is
+compared with the chat path's, round by round, and so is their p50. Reported per run:
+throughput, p50/p95/p99 latency, latency added over the direct run at the same
+concurrency, the target's CPU time per request and its peak RSS. LiteLLM's proxy is
+installed into bench/.venv-litellm on first use (skipped with a message if that fails).
 
 With `--rounds N` the targets take turns N times at each setting (LiteLLM only in the
 first round: it is two orders of magnitude slower). Each target's row is its median
@@ -38,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 MODEL = "bench-model"
 LITELLM_VENV = BENCH / ".venv-litellm"
+# Rows that drive the `triage` gateway in another client API, by target name.
+DIALECT_TARGETS = {"triage-messages": "messages", "triage-responses": "responses"}
 TICKS = os.sysconf("SC_CLK_TCK")
 
 WORDS = [
@@ -102,21 +108,30 @@ def prompts(count: int, seed: int = 7) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 300))) for _ in range(count)]
 
 
+# Where each client API posts, and its body for one prompt: the same 16 output tokens.
+API_PATHS = {
+    "chat": "/v1/chat/completions",
+    "messages": "/v1/messages",
+    "responses": "/v1/responses",
+}
+
+
+def api_body(api: str, model: str, text: str, stream: bool) -> dict[str, object]:
+    if api == "responses":
+        return {"model": model, "input": text, "max_output_tokens": 16, "stream": stream}
+    turn = {"role": "user", "content": text}
+    return {"model": model, "messages": [turn], "max_tokens": 16, "stream": stream}
+
+
 def wrk_script(
-    path: Path, model: str, stream: bool, auth: str | None, extra: dict[str, object]
+    path: Path,
+    model: str,
+    stream: bool,
+    auth: str | None,
+    extra: dict[str, object],
+    api: str = "chat",
 ) -> None:
-    bodies = [
-        json.dumps(
-            {
-                "model": model,
-                "messages": [{"role": "user", "content": text}],
-                "max_tokens": 16,
-                "stream": stream,
-                **extra,
-            }
-        )
-        for text in prompts(64)
-    ]
+    bodies = [json.dumps({**api_body(api, model, text, stream), **extra}) for text in prompts(64)]
     lua_bodies = ",\n".join("[==[" + body + "]==]" for body in bodies)
     auth_header = f'wrk.headers["Authorization"] = "Bearer {auth}"\n' if auth else ""
     path.write_text(
@@ -126,7 +141,7 @@ def wrk_script(
         + lua_bodies
         + "\n}\nlocal i = 0\n"
         + "request = function()\n  i = i % #bodies + 1\n"
-        + '  return wrk.format(nil, "/v1/chat/completions", nil, bodies[i])\nend\n'
+        + f'  return wrk.format(nil, "{API_PATHS[api]}", nil, bodies[i])\nend\n'
         + "done = function(summary, latency, requests)\n"
         + '  local e = summary.errors\n  io.write(string.format("WRK {\\"requests\\": %d, '
         + '\\"duration_us\\": %d, \\"errors\\": %d, \\"non2xx\\": %d, \\"p50\\": %d, '
@@ -144,6 +159,7 @@ class Target:
     model: str
     auth: str | None = None
     body_extra: dict[str, object] = field(default_factory=dict)
+    api: str = "chat"  # the client API wrk speaks (API_PATHS)
 
 
 @dataclass
@@ -204,7 +220,7 @@ def peak_rss_mb(pid: int) -> float:
 
 def run_wrk(target: Target, stream: bool, concurrency: int, duration: float, workdir: Path) -> Row:
     script = workdir / f"{target.name}-{stream}.lua"
-    wrk_script(script, target.model, stream, target.auth, target.body_extra)
+    wrk_script(script, target.model, stream, target.auth, target.body_extra, target.api)
     threads = 1 if concurrency == 1 else 2
     base = ["wrk", f"-t{threads}", f"-c{concurrency}", "-s", str(script), "--timeout", "10s"]
     root = target.url.removesuffix("/v1")
@@ -334,7 +350,8 @@ def main() -> int:
     stub, stub_url = start_stub()
     targets = [Target("direct", stub_url, stub, MODEL)]
     try:
-        wanted = set(args.only or ["relay", "triage", "triage-cached", "litellm"])
+        everything = ["relay", "triage", "triage-cached", "litellm", *DIALECT_TARGETS]
+        wanted = set(args.only or everything)
         if "relay" in wanted:
             port = free_port()
             relay = start(
@@ -342,8 +359,12 @@ def main() -> int:
                 f"http://127.0.0.1:{port}/v1/x",
             )
             targets.append(Target("relay", f"http://127.0.0.1:{port}/v1", relay, MODEL))
-        if "triage" in wanted:
-            targets.append(triage_target(stub_url, workdir, "triage", cache=False))
+        if "triage" in wanted or wanted & set(DIALECT_TARGETS):
+            triage = triage_target(stub_url, workdir, "triage", cache=False)
+            targets.append(triage)
+            for name, api in DIALECT_TARGETS.items():  # the same process, another API
+                if name in wanted:
+                    targets.append(Target(name, triage.url, triage.process, "auto", api=api))
         if "triage-cached" in wanted:
             # temperature 0 makes every request cacheable: after warm-up, all are hits.
             cached = triage_target(stub_url, workdir, "triage-cached", cache=True)
@@ -356,6 +377,7 @@ def main() -> int:
 
         rows: list[Row] = []
         ratios: dict[tuple[bool, int], float] = {}
+        versus_chat: list[DialectCost] = []
         for stream in (False, True):
             for concurrency in args.concurrency:
                 turns: dict[str, list[Row]] = {}
@@ -375,6 +397,7 @@ def main() -> int:
                     paired = zip(turns["triage"], turns["relay"], strict=True)
                     per_turn = [ours.rps / floor.rps for ours, floor in paired]
                     ratios[stream, concurrency] = statistics.median(per_turn)
+                versus_chat += dialect_costs(turns, stream, concurrency)
                 chosen = {name: _median_row(found) for name, found in turns.items()}
                 floor = chosen.get("direct")
                 for name, row in chosen.items():
@@ -383,14 +406,71 @@ def main() -> int:
                         row.added_p99_ms = row.p99_ms - floor.p99_ms
                     rows.append(row)
         print(report(rows, ratios))
+        print(dialect_report(versus_chat))
         out = BENCH / "results"
         out.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        (out / f"overhead-{stamp}.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        found = [asdict(r) for r in rows] + [asdict(c) for c in versus_chat]
+        (out / f"overhead-{stamp}.json").write_text(json.dumps(found, indent=1))
     finally:
-        for target in targets:
-            stop(target.process)
+        for process in {id(t.process): t.process for t in targets}.values():  # shared ones once
+            stop(process)
     return 0
+
+
+@dataclass
+class DialectCost:
+    """A dialect's cost over the chat path, the same prompts to the same gateway: medians
+    of the per-round CPU ratio and p50 difference (rounds taken close together)."""
+
+    target: str
+    stream: bool
+    concurrency: int
+    cpu_ms_per_request: float
+    chat_cpu_ms_per_request: float
+    cpu_ratio: float
+    added_p50_ms: float
+
+
+def dialect_costs(turns: dict[str, list[Row]], stream: bool, concurrency: int) -> list[DialectCost]:
+    chat = turns.get("triage")
+    costs = []
+    for name in DIALECT_TARGETS:
+        rounds = turns.get(name)
+        if chat is None or rounds is None:
+            continue
+        paired = list(zip(rounds, chat, strict=True))
+        cpu = [(r.cpu_ms_per_request or 0.0, c.cpu_ms_per_request or 0.0) for r, c in paired]
+        costs.append(
+            DialectCost(
+                target=name,
+                stream=stream,
+                concurrency=concurrency,
+                cpu_ms_per_request=statistics.median(ours for ours, _ in cpu),
+                chat_cpu_ms_per_request=statistics.median(theirs for _, theirs in cpu),
+                cpu_ratio=statistics.median(ours / theirs for ours, theirs in cpu if theirs),
+                added_p50_ms=statistics.median(r.p50_ms - c.p50_ms for r, c in paired),
+            )
+        )
+    return costs
+
+
+def dialect_report(costs: list[DialectCost]) -> str:
+    if not costs:
+        return ""
+    lines = [
+        "",
+        "| API (translated) | stream | conc. | CPU ms/req | chat CPU ms/req | CPU / chat "
+        "| p50 - chat p50 ms |",
+        "|" + "---|" * 7,
+    ]
+    for c in costs:
+        lines.append(
+            f"| {c.target.removeprefix('triage-')} | {'yes' if c.stream else 'no'} | "
+            f"{c.concurrency} | {c.cpu_ms_per_request:.3f} | {c.chat_cpu_ms_per_request:.3f} | "
+            f"{c.cpu_ratio:.2f} | {c.added_p50_ms:+.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def _median_row(rows: list[Row]) -> Row:

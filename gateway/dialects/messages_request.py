@@ -299,6 +299,13 @@ def _turns(messages: list[dict[str, Any]]) -> list[tuple[int, str, list[tuple[st
                 f"Invalid value for '{path}.content': expected a string or a list of blocks.",
                 param=f"{path}.content",
             )
+        if not content and not (role == "assistant" and i == len(messages) - 1):
+            # Anthropic's rule; a turn of nothing has no chat message to become.
+            raise InvalidRequest(
+                f"Invalid value for '{path}.content': all messages must have non-empty"
+                " content except for the optional final assistant message.",
+                param=f"{path}.content",
+            )
         if turns and turns[-1][1] == role:
             turns[-1][2].extend(blocks)
         else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
@@ -75,19 +75,32 @@ class ResponsesDialect:
 
 
 _Kind = Literal["reasoning", "message", "function_call"]
+_TEXT_DELTA = {
+    "reasoning": "response.reasoning_text.delta",
+    "message": "response.output_text.delta",
+}
+_EVENT_HEADS = {
+    name: b"event: " + name.encode() + b"\ndata: "
+    for name in (*_TEXT_DELTA.values(), "response.function_call_arguments.delta")
+}
 
 
 @dataclass(slots=True)
 class _Item:
-    """An output item being streamed: its text (or arguments) so far."""
+    """An output item being streamed: its text (or arguments) so far, kept in pieces:
+    `text += delta` on an attribute copies the whole text at every delta."""
 
     kind: _Kind
     index: int
     id: str
-    text: str = ""
+    pieces: list[str] = field(default_factory=list)
     call_id: str = ""
     name: str = ""
     open: bool = True
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
 
 class ResponseTranslation:
@@ -178,7 +191,8 @@ class ResponseTranslation:
     def _emit(self, out: list[bytes], kind: str, fields: dict[str, Any]) -> None:
         event = {"type": kind, **fields, "sequence_number": self._seq}
         self._seq += 1
-        out.append(b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n")
+        head = _EVENT_HEADS.get(kind) or b"event: " + kind.encode() + b"\ndata: "
+        out.append(head + orjson.dumps(event) + b"\n\n")
 
     def _start(self, out: list[bytes], model: object) -> None:
         if self._started:
@@ -239,14 +253,22 @@ class ResponseTranslation:
         if item is None or item.kind != kind or not item.open:
             self._close_last(out)
             item = self._text_item = self._open(kind, out)
-        item.text += text
-        name = (
-            "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
-        )
-        fields = _at(item, content_index=0, delta=text)
+        item.pieces.append(text)
+        # The one event of every token: its JSON written as `_emit` would, without the
+        # dicts `_at` and `_emit` build on the way (~15 % of the time per token).
+        name = _TEXT_DELTA[kind]
+        event = {
+            "type": name,
+            "item_id": item.id,
+            "output_index": item.index,
+            "content_index": 0,
+            "delta": text,
+        }
         if kind == "message":
-            fields["logprobs"] = []
-        self._emit(out, name, fields)
+            event["logprobs"] = []
+        event["sequence_number"] = self._seq
+        self._seq += 1
+        out.append(_EVENT_HEADS[name] + orjson.dumps(event) + b"\n\n")
 
     def _call(self, call: Mapping[str, Any], out: list[bytes]) -> None:
         position = call.get("index", 0)
@@ -264,7 +286,7 @@ class ResponseTranslation:
             item.name = function["name"]
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
-            item.text += arguments
+            item.pieces.append(arguments)
             if item.open:  # a late piece of an earlier call still counts in the final answer
                 delta = _at(item, delta=arguments)
                 self._emit(out, "response.function_call_arguments.delta", delta)

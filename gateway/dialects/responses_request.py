@@ -205,6 +205,10 @@ def chat_body(body: Mapping[str, Any]) -> dict[str, Any]:
         messages.append({"role": "system", "content": request.instructions})
     for index, item in enumerate(input_items(body)):
         _add_item(messages, item, f"input.{index}")
+    if not messages:  # e.g. `input: []`, or reasoning items only: a backend refuses it too
+        raise InvalidRequest(
+            "Invalid value for 'input': it holds no message to answer.", param="input"
+        )
     chat: dict[str, Any] = {"model": request.model, "messages": messages}
     tools = [_chat_tool(tool, f"tools.{i}") for i, tool in enumerate(request.tools or [])]
     if tools:

@@ -298,6 +298,7 @@ def _set(path: str, value: object) -> dict[str, Any]:
 
 _DELETE = object()
 _TOOL_USE = {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}
+_USER_HI = {"role": "user", "content": "hi"}
 
 
 @pytest.mark.parametrize(
@@ -372,6 +373,28 @@ def test_invalid_requests_name_the_field(path: str, value: object, param: str) -
         DIALECT.parse(_set(path, value))
     assert caught.value.param == param
     assert caught.value.status_code == 400
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": []}],
+        [{"role": "user", "content": []}, {"role": "user", "content": []}],
+        [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": []}, _USER_HI],
+    ],
+)
+def test_only_a_final_assistant_turn_may_be_empty(messages: list[dict[str, Any]]) -> None:
+    # Found by tests/integration/test_fuzz_dialects.py: turns that translate to no chat
+    # message at all were an IndexError, a 500 (Anthropic refuses them with this 400).
+    dialect = MessagesDialect()
+    empty = next(i for i, m in enumerate(messages) if not m["content"])
+    for parse in (dialect.parse, dialect.parse_count_tokens):
+        with pytest.raises(InvalidRequest) as caught:
+            parse(request(messages=messages))
+        assert caught.value.param == f"messages.{empty}.content"
+    prefill = [{"role": "user", "content": "a"}, {"role": "assistant", "content": []}]
+    assert dialect.parse(request(messages=prefill))["messages"][-1]["role"] == "assistant"
 
 
 def test_count_tokens_requests_need_no_max_tokens() -> None:

@@ -275,6 +275,17 @@ def test_a_missing_model_or_input_is_named() -> None:
     assert invalid(input="x", conversation="c").message == "Unsupported parameter: 'conversation'."
 
 
+@pytest.mark.parametrize(
+    "items",
+    [[], [{"type": "reasoning", "summary": []}], [{"type": "reasoning", "summary": []}] * 2],
+)
+def test_input_with_nothing_to_answer_is_named(items: list[dict[str, Any]]) -> None:
+    # Found by tests/integration/test_fuzz_dialects.py: an empty chat conversation went to
+    # the backend, whose own 400 came back in its words ("messages must be a non-empty list").
+    assert invalid(input=items).param == "input"
+    assert parse(input=items, instructions="Be brief.")["messages"][0]["role"] == "system"
+
+
 # --- JSON answers --------------------------------------------------------------------
 
 
