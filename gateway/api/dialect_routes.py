@@ -3,6 +3,8 @@ deleting a stored Responses answer. Each answers in its dialect's error shape.""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DialectRoutes"]
 
+logger = logging.getLogger("triage")
+
 _MESSAGES = MessagesDialect()
 _RESPONSES = ResponsesDialect()
 _STORE_DOWN = "The response store is unavailable; retry the request."
@@ -44,10 +48,10 @@ class DialectRoutes:
         """The prompt's tokens as the model it would route to counts them: its replica's
         tokenize endpoint where its kind of server has one, else the gateway's estimate.
         Never a host outside the policy."""
-        try:
-            return _json({"input_tokens": await self._count(request)})
-        except TriageError as error:
-            return _error(_MESSAGES, error)
+        return await _in_shape(_MESSAGES, self._count_answer(request))
+
+    async def _count_answer(self, request: Request) -> Response:
+        return _json({"input_tokens": await self._count(request)})
 
     async def _count(self, request: Request) -> int:
         gateway = self.gateway
@@ -70,22 +74,22 @@ class DialectRoutes:
         return estimate if counted is None else counted
 
     async def get_response(self, request: Request) -> Response:
-        try:
-            record = await self._stored(request)
-        except TriageError as error:
-            return _error(_RESPONSES, error)
-        return _json(public(record))
+        return await _in_shape(_RESPONSES, self._read(request))
 
     async def delete_response(self, request: Request) -> Response:
+        return await _in_shape(_RESPONSES, self._delete(request))
+
+    async def _read(self, request: Request) -> Response:
+        return _json(public(await self._stored(request)))
+
+    async def _delete(self, request: Request) -> Response:
+        await self._stored(request)
+        response_id = request.path_params["response_id"]
+        caller = self.gateway.runtime.auth.authenticate(_headers(request))
         try:
-            await self._stored(request)
-            response_id = request.path_params["response_id"]
-            caller = self.gateway.runtime.auth.authenticate(_headers(request))
             await self.gateway.runtime.response_store.delete(caller.tenant, response_id)
-        except StoreUnavailable:
-            return _error(_RESPONSES, UpstreamUnavailable(_STORE_DOWN, code="store_unavailable"))
-        except TriageError as error:
-            return _error(_RESPONSES, error)
+        except StoreUnavailable as exc:
+            raise UpstreamUnavailable(_STORE_DOWN, code="store_unavailable") from exc
         return _json({"id": response_id, "object": "response", "deleted": True})
 
     async def _stored(self, request: Request) -> dict[str, Any]:
@@ -100,6 +104,19 @@ class DialectRoutes:
         if record is None:
             raise NotFound(f"No response with id '{response_id}'.", param="response_id")
         return record
+
+
+async def _in_shape(dialect: Dialect, answer: Awaitable[Response]) -> Response:
+    """`answer`, or its failure in the dialect's error shape (a bug as its 500)."""
+    try:
+        return await answer
+    except TriageError as error:
+        return _error(dialect, error)
+    except Exception:
+        logger.exception("unexpected error on a %s endpoint", dialect.name)
+        return _error(
+            dialect, TriageError("The gateway hit an internal error.", code="internal_error")
+        )
 
 
 def _headers(request: Request) -> dict[str, str]:
