@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DialectRoutes"]
 
-logger = logging.getLogger("triage")
+_logger = logging.getLogger("triage")
 
 _MESSAGES = MessagesDialect()
 _RESPONSES = ResponsesDialect()
@@ -113,7 +113,7 @@ async def _in_shape(dialect: Dialect, answer: Awaitable[Response]) -> Response:
     except TriageError as error:
         return _error(dialect, error)
     except Exception:
-        logger.exception("unexpected error on a %s endpoint", dialect.name)
+        _logger.exception("unexpected error on a %s endpoint", dialect.name)
         return _error(
             dialect, TriageError("The gateway hit an internal error.", code="internal_error")
         )
