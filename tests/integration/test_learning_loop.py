@@ -24,6 +24,7 @@ import orjson
 import pytest
 
 from classifiers.metrics import apgr
+from gateway.feedback import prompt_sha256
 from gateway.policy import hash_key
 from gateway.sim.judge import answer_passes
 from tests.integration.conftest import (
@@ -92,12 +93,15 @@ def classifier(args: list[str], env: dict[str, str] | None = None) -> str:
     return done.stdout
 
 
+def chat_body(text: str) -> dict[str, Any]:
+    return {"model": "auto", "messages": [{"role": "user", "content": text}]}
+
+
 def scores(gateway: Service, texts: list[str]) -> list[tuple[float, str]]:
     """The gateway's difficulty score of each prompt, and the request's id."""
 
     def one(text: str) -> tuple[float, str]:
-        body = {"model": "auto", "messages": [{"role": "user", "content": text}]}
-        answer = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=30)
+        answer = httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(text), timeout=30)
         assert answer.status_code == 200, answer.text
         headers = answer.headers
         return float(headers["x-triage-difficulty"]), headers["x-triage-request-id"]
@@ -148,7 +152,7 @@ def test_labels_from_shadow_traffic_retrain_a_router_that_routes_better(
                 "sample_rate": 1.0,
                 "judge": "large",  # the strong tier judges (the sim's verdicts are the truth's)
                 "usd_per_day": 100.0,
-                "prompts": "text",
+                "prompts": "hash",  # the privacy mode: rows keep features, not text
                 "path": str(labels),
                 "max_in_flight": 64,
             },
@@ -167,7 +171,11 @@ def test_labels_from_shadow_traffic_retrain_a_router_that_routes_better(
     assert eventually(lambda: len(sent & {r["request_id"] for r in labelled()}) >= 380, 300)
     # Only the traffic's labels are trained on: never a row of the evaluation prompts.
     rows = [row for row in labelled() if row["request_id"] in sent]
-    assert all(row["prompt"] in traffic for row in rows)
+    hashes = {prompt_sha256(chat_body(text)) for text in traffic}
+    assert all(row["prompt_sha256"] in hashes for row in rows)
+    # No prompt text reaches the labels file: retraining and promote use stored features.
+    assert all(row["prompt"] is None and row["request"] is None for row in rows)
+    assert not any(word.encode() in labels.read_bytes() for word in TOPICS)
     assert not measured & {row["request_id"] for row in rows}
     train_rows = tmp_path / "train.jsonl"
     train_rows.write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in rows))
