@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.admin import Admin
 from gateway.api.dialect_routes import DialectRoutes
 from gateway.api.disconnect import unless_client_leaves
-from gateway.api.errors import error_response
+from gateway.api.errors import error_response, internal_error
 from gateway.api.feedback_route import post_feedback
 from gateway.api.openapi import openapi_document
 from gateway.api.reply import EVENT_STREAM, JSON, Reply
@@ -198,7 +198,7 @@ class Gateway:
             logger.exception("unexpected error in request %s", record.request_id)
             record.fail(error)
             self.telemetry.finish(record)
-            return _error_answer(_internal_error(), _error_headers(record, exchange), dialect)
+            return _error_answer(internal_error(), _error_headers(record, exchange), dialect)
 
     async def _admit(
         self,
@@ -526,11 +526,6 @@ def _error_answer(
     )
 
 
-def _internal_error() -> TriageError:
-    """What a client is told of a bug in the gateway (its log line says the same)."""
-    return TriageError("The gateway hit an internal error.", code="internal_error")
-
-
 def _overhead(started: float, upstream_s: float = 0.0) -> str:
     """`x-triage-overhead-ms`: the gateway's own time since `started` (a perf_counter
     reading), `upstream_s` spent waiting on backends left out (as `Exchange` counts it)."""
@@ -658,4 +653,4 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     logger.exception("unexpected error on %s", request.url.path)
-    return error_response(_internal_error())
+    return error_response(internal_error())

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.api.errors import internal_error
 from gateway.api.request import checked_request, read_json_object
 from gateway.dialects import Dialect
 from gateway.dialects.messages import MessagesDialect, count_tokens_estimate
@@ -114,9 +115,7 @@ async def _in_shape(dialect: Dialect, answer: Awaitable[Response]) -> Response:
         return _error(dialect, error)
     except Exception:
         _logger.exception("unexpected error on a %s endpoint", dialect.name)
-        return _error(
-            dialect, TriageError("The gateway hit an internal error.", code="internal_error")
-        )
+        return _error(dialect, internal_error())
 
 
 def _headers(request: Request) -> dict[str, str]:

@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from gateway.errors import TriageError
 
-__all__ = ["error_payload", "error_response", "sse_error_event"]
+__all__ = ["error_payload", "error_response", "internal_error", "sse_error_event"]
 
 
 def error_payload(error: TriageError) -> dict[str, Any]:
@@ -39,3 +39,8 @@ def error_response(error: TriageError, headers: dict[str, str] | None = None) ->
 def sse_error_event(error: TriageError) -> bytes:
     """How a stream that already started reports failure: an error event, then [DONE]."""
     return b"data: " + orjson.dumps(error_payload(error)) + b"\n\ndata: [DONE]\n\n"
+
+
+def internal_error() -> TriageError:
+    """What a client is told of a bug in the gateway (its log line says the same)."""
+    return TriageError("The gateway hit an internal error.", code="internal_error")
