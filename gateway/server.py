@@ -79,6 +79,11 @@ _PARSER_REFUSALS = {
 }
 
 
+# How long a connection accepted just before shutdown has to start its first request:
+# accept-to-first-byte is microseconds for a client that connected to send one.
+_FIRST_REQUEST_GRACE_S = 1.0
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a header limit, a request read deadline and a
     connection-lost signal per request."""
@@ -92,6 +97,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._reading = False  # between a request's first byte and its last
         self._head_read = False
         self._read_deadline: asyncio.TimerHandle | None = None
+        self._last_request = False  # the server is shutting down: answer this one, then close
         self._unanswered: collections.deque[ConnectionLost] = collections.deque()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -111,7 +117,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = self._header_count = 0
         self._reading = True
         self._head_read = False
-        if self._read_deadline is None:
+        if self._read_deadline is None or self._last_request:
             self._arm_read_deadline()
 
     def on_url(self, url: bytes) -> None:
@@ -134,6 +140,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_read = True
         super().on_headers_complete()
         cycle = self.cycle
+        if self._last_request and cycle is not None:
+            cycle.keep_alive = False
         if cycle is not None and cycle.scope is self.scope:  # not an upgrade: a request
             lost = ConnectionLost(on_watch=self.flow.resume_reading)
             self.scope.setdefault("extensions", {})[EXTENSION] = {"signal": lost}
@@ -166,6 +174,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             (400, f"The request is not valid HTTP/1.1: {reason}.", "invalid_http_request"),
         )
         self._refuse(status, message, code)
+
+    # --- graceful shutdown: a request on its way is answered, not cut off ---------------
+
+    def shutdown(self) -> None:
+        """Called by the server when it stops accepting. uvicorn closes every connection
+        without a request in progress; that includes one it accepted a moment ago whose
+        first request is still on the wire, and one whose next request is half read. Both
+        clients see "server disconnected" and a POST is not retried: under `--workers N`
+        a policy reload could do this to a request. Such a request is answered (with
+        `connection: close`); a new connection that sends nothing soon is closed."""
+        cycle = self.cycle
+        between_requests = cycle is None or cycle.response_complete
+        if between_requests and (self._reading or cycle is None):
+            self._last_request = True
+            if not self._reading:
+                self._disarm_read_deadline()
+                self._read_deadline = self.loop.call_later(
+                    _FIRST_REQUEST_GRACE_S, self._read_deadline_passed
+                )
+            return
+        super().shutdown()
 
     # --- read deadline: from a request's first byte to its last -----------------------
 

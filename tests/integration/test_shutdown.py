@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import re
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import yaml
 
@@ -210,3 +214,75 @@ def test_stream_still_running_at_the_deadline_ends_with_an_error_event(
     # The client learns the stream was cut: an error event and [DONE], not a torn connection.
     assert lines[-1] == "data: [DONE]", lines[-2:]
     assert '"error"' in lines[-2], lines[-2:]
+
+
+def http_request(content: str) -> bytes:
+    body = orjson.dumps(
+        {"model": "cheap", "max_tokens": 2, "messages": [{"role": "user", "content": content}]}
+    )
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {KEY}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def read_one_response(conn: socket.socket) -> bytes:
+    """Read a response with a content-length, leaving the connection open."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    assert length is not None, head
+    while len(rest) < int(length[1]):
+        rest += conn.recv(65536)
+    return head + b"\r\n\r\n" + rest
+
+
+def read_to_eof(conn: socket.socket) -> bytes:
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := conn.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize("sent_before", ["nothing", "half the next request"])
+def test_a_request_on_its_way_at_sigterm_is_answered(
+    log_dir: Path, slow: Service, redis_server: RedisServer, sent_before: str
+) -> None:
+    """uvicorn closes every connection without a request in progress when it stops
+    accepting: a request still on the wire was cut off ("server disconnected"), which
+    under `--workers N` a policy reload (each worker replaced) did to clients."""
+    prefix = f"onitsway-{uuid.uuid4().hex[:8]}:"
+    gateway, _ = start_gateway_with_grace(
+        log_dir, shutdown_policy(slow, redis_server.url, prefix), grace_s=5
+    )
+    try:
+        address = httpx.URL(gateway.url)
+        conn = socket.create_connection((address.host, address.port), timeout=10)
+        pending = http_request("on its way")
+        if sent_before == "nothing":
+            # Accepted: the server accepts in arrival order, so once a later connection is
+            # answered this one has been accepted too.
+            assert request(gateway, 2, stream=False).status_code == 200
+        else:
+            # Sent with the first request, in one segment: the server has read the start
+            # of the second once it answers the first.
+            conn.sendall(http_request("first") + pending[:40])
+            pending = pending[40:]
+            assert read_one_response(conn).startswith(b"HTTP/1.1 200")
+        gateway.process.send_signal(signal.SIGTERM)
+        # The listener closes in the same step as uvicorn shuts every connection down.
+        assert eventually_refused(gateway)
+        conn.sendall(pending)
+        answer = read_to_eof(conn)
+        conn.close()
+        assert gateway.process.wait(timeout=10) == 0
+    finally:
+        gateway.stop()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b"connection: close" in answer.lower()
