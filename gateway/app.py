@@ -511,9 +511,7 @@ async def _translated(
                 yield out
 
 
-def _error_answer(
-    error: TriageError, headers: dict[str, str], dialect: Dialect | None
-) -> Response:
+def _error_answer(error: TriageError, headers: dict[str, str], dialect: Dialect | None) -> Response:
     """`error` in the client's API's shape: OpenAI's, or its dialect's."""
     if dialect is None:
         return error_response(error, headers)

@@ -150,8 +150,9 @@ class Pool:
         """The session's replica, else the one holding the longest prefix of the prompt
         (ties: the cheaper), else power of two choices; always among replicas under the load
         bound (consistent hashing with bounded loads), so a hot prefix spills over to the
-        next best. A retry or hedge (`first` False) excludes the replicas tried already, so
-        it goes to the second best; it does not move the session."""
+        next best. A first pick keeps the session here until an answer says otherwise
+        (`answered_by`); a retry or hedge (`first` False) excludes the replicas tried
+        already, so it goes to the second best, and moves the session only if it answers."""
         for replica in self.replicas:
             if not replica.available(now):
                 index.forget(replica.url)  # it may come back with an empty cache
@@ -187,6 +188,17 @@ class Pool:
         if session is not None and first:
             index.stick(session, chosen.url)
         return chosen
+
+    def answered_by(self, request: RequestView, replica: Replica) -> None:
+        """`replica` answered `request`: its session lives there from now on. The first
+        pick may have been a dead replica not yet ejected, the answer a retry elsewhere;
+        a session left on the dead one would send its next turn to a third replica."""
+        index = self.prefix
+        if index is None:
+            return
+        session = request.session_from(index.settings.session)
+        if session is not None and index.session(session) != replica.url:
+            index.stick(session, replica.url)
 
     def _roomiest(self, now: float, index: PrefixIndex, under: list[Replica]) -> Replica:
         """Where a prompt nothing has matched goes: of the replicas under the bound with the

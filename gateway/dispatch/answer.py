@@ -88,8 +88,10 @@ class Dispatched:
             if how == "native":
                 return read_native(api, payload, outcome, self._rename())
             if how == "translate":
-                payload = chat_from_message(payload) if api == "messages" else (
-                    chat_from_response(payload)
+                payload = (
+                    chat_from_message(payload)
+                    if api == "messages"
+                    else (chat_from_response(payload))
                 )
             return read_answer(payload, outcome, self.pool.model)
         except TriageError as error:

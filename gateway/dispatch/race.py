@@ -299,6 +299,7 @@ class Dispatcher:
             queued=attempt.queued,
         )
         self.tracker.first_byte(attempt.tier, job.stream, first_byte_s)
+        attempt.pool.answered_by(job.view, attempt.replica)
         return Dispatched(
             attempt.tier,
             attempt.pool,

@@ -213,6 +213,25 @@ def test_a_hedge_or_retry_goes_to_the_second_best_and_does_not_move_the_session(
     assert p.pick(request=view(chat("c"), headers)) is best
 
 
+def test_the_session_follows_the_replica_that_answered() -> None:
+    """The first pick can be a dead replica not yet ejected; the retry answers elsewhere.
+    With no prefix to match (a short prompt), only the session says where the next turn
+    goes: it must be where the last one was answered, not any of the others."""
+    for session in range(10):  # by chance, 1 in 3 each
+        p = pool()
+        headers = {"x-session-id": f"conversation-{session}"}
+        request = view(chat("turn 1", system="short"), headers)
+        dead = p.pick(request=request)
+        assert dead is not None
+        retry = p.pick([dead], request=request)
+        assert retry is not None and retry is not dead
+        p.answered_by(request, retry)
+        dead.mark_down(time.monotonic())
+        for turn in range(2, 5):
+            turn_request = view(chat(f"turn {turn}", system="short"), headers)
+            assert p.pick(request=turn_request) is retry
+
+
 def test_one_replica_computes_nothing() -> None:
     single = Pool.from_urls("m", ["http://r/v1"], None, None, balancer="prefix")
     assert single.prefix is None
