@@ -222,9 +222,11 @@ class Gateway:
             body = await read_json_object(request, limit)
             caller = self._authenticate(runtime, headers, record)
             context = DialectContext(record.request_id, caller.tenant)
+            conversation = None
             if isinstance(dialect, ResponsesDialect):
-                body = await _expanded(dialect, body, context, runtime)
-            parsed = checked_request(dialect.parse(body), kind, headers, dialect.name, body)
+                body, conversation = await _expanded(dialect, body, context, runtime)
+            chat = dialect.parse(body)
+            parsed = checked_request(chat, kind, headers, dialect.name, body, conversation)
             record.requested(parsed)
             translation = dialect.translation(body, context)
         with record.trace.span("triage.route"):
@@ -431,6 +433,8 @@ class Gateway:
         stored = translation.stored()
         if stored is None:
             return
+        # A continuation joins its conversation; a first response starts one.
+        stored["conversation"] = exchange.parsed.conversation or stored["id"]
         try:
             await self.runtime.response_store.save(exchange.caller.tenant, stored)
         except StoreUnavailable:
@@ -490,8 +494,9 @@ class Gateway:
 
 async def _expanded(
     dialect: ResponsesDialect, body: dict[str, Any], context: DialectContext, runtime: Runtime
-) -> dict[str, Any]:
-    """The Responses body with the stored conversation it continues put before it."""
+) -> tuple[dict[str, Any], str | None]:
+    """The Responses body with the stored conversation it continues put before it, and
+    that conversation's id."""
     try:
         return await dialect.expand(body, context, runtime.response_store)
     except StoreUnavailable as exc:

@@ -353,9 +353,10 @@ class PrefixBalancing(_Strict):
     kv_tokens: int = Field(400_000, ge=1)  # each replica's KV cache: what the index remembers
     load_factor: float = Field(1.25, ge=1)  # no replica above this x the mean outstanding
     min_bound: int = Field(4, ge=1)  # ... unless it has fewer outstanding than this
-    # Which session key keeps a conversation on its replica: the x-session-id header, the
-    # body's `user`, either (the header first), or none.
-    session: Literal["header", "user", "any", "none"] = "any"
+    # Which session key keeps a conversation on its replica: the one the client names
+    # (x-session-id, prompt_cache_key, a stored Responses conversation), the end user (the
+    # body's `user`, Messages metadata.user_id), either (the client's first), or none.
+    session: Literal["client", "user", "any", "none"] = "any"
     max_sessions: int = Field(100_000, ge=1)
     replica_header: bool = False  # answer with `x-triage-replica`, an opaque replica id
 

@@ -38,7 +38,7 @@ __all__ = [
 _CHARS_PER_TOKEN = 4
 _SEPARATOR = "\x1e"  # between rendered parts: "ab" + "c" must not equal "a" + "bc"
 
-SessionSource = Literal["header", "user", "any", "none"]
+SessionSource = Literal["client", "user", "any", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +48,10 @@ class PrefixSettings:
     `load_factor` is consistent hashing with bounded loads' 1 + ε: no replica takes a request
     that would put it above `load_factor` x the mean requests outstanding across the pool
     (never below `min_bound`, so a nearly idle pool still keeps a prefix where it is cached).
-    `session`: which session key to trust (`x-session-id`, the body's `user`, either, none).
+    `session`: which session key to trust: the one the client names (`client`: `x-session-id`,
+    `prompt_cache_key`, a stored Responses conversation), its end user (`user`: the body's
+    `user`, which Messages `metadata.user_id` becomes), either (`any`, the client's first),
+    or none.
     """
 
     chunk_chars: int = 256
@@ -131,7 +134,7 @@ def replica_id(url: str) -> str:
 
 class PrefixIndex:
     """Per replica (by URL), the chunk keys recently sent there, least recently used first;
-    and per session, the replica its last request went to. Memory is bounded: at most
+    and per session, the replica that last answered it. Memory is bounded: at most
     `capacity_chunks` keys a replica, `max_sessions` sessions.
 
     A prompt's keys are stored last chunk first, so its prefix is always more recent than

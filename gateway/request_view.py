@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from gateway.api.request import ParsedRequest
 from gateway.prefix import SessionSource, chunk_keys, render_chat
 
-__all__ = ["RequestView", "session_key"]
+__all__ = ["RequestView", "client_session", "session_key"]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -43,19 +43,31 @@ class RequestView:
         """The session key `source` says to trust: `any` is the `session` the edge read."""
         if source == "any":
             return self.session
-        if source == "header":
-            return self.parsed.hints.session
+        if source == "client":
+            return client_session(self.parsed)
         if source == "user":
             return _user(self.parsed)
         return None
 
 
 def session_key(parsed: ParsedRequest) -> str | None:
-    """The client's session: its `x-session-id` header (read at the edge, in
-    `parsed.hints`), else the body's `user`."""
+    """The request's session: the one its client names, else its end user."""
+    return client_session(parsed) or _user(parsed)
+
+
+def client_session(parsed: ParsedRequest) -> str | None:
+    """The session a client names: its `x-session-id` header (read at the edge, in
+    `parsed.hints`), else the body's `prompt_cache_key` (OpenAI's field for exactly this;
+    Codex sends its conversation id there), else the stored Responses conversation the
+    request continues (each turn's `previous_response_id` is new; the conversation is not).
+    """
     if parsed.hints.session is not None:
         return parsed.hints.session
-    return _user(parsed)
+    body = parsed.native_body if parsed.native_body is not None else parsed.body
+    key = body.get("prompt_cache_key")
+    if isinstance(key, str) and key:
+        return key
+    return parsed.conversation
 
 
 def _user(parsed: ParsedRequest) -> str | None:

@@ -41,6 +41,8 @@ class ParsedRequest:
     # A dialect's body as the client sent it (a Responses conversation expanded): what a
     # backend of the same API is sent instead of `body` (gateway/backend_api/native.py).
     native_body: Mapping[str, Any] | None = None
+    # The stored Responses conversation this request continues: its first response's id.
+    conversation: str | None = None
     max_tokens: int | None = field(init=False)
     choices: int = field(init=False)
 
@@ -130,6 +132,7 @@ def checked_request(
     headers: Mapping[str, str] | None = None,
     dialect: str = "chat",
     native_body: Mapping[str, Any] | None = None,
+    conversation: str | None = None,
 ) -> ParsedRequest:
     """`body` held to its OpenAI schema. A dialect's request arrives here translated to a
     chat body (`gateway.dialects`) that its own schema checked already: OpenAI's limits
@@ -160,6 +163,7 @@ def checked_request(
         hints=hints,
         dialect=dialect,
         native_body=native_body,
+        conversation=conversation,
     )
 
 

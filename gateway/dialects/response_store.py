@@ -22,8 +22,9 @@ MAX_ID_LENGTH = 256  # longer ids were never issued: not found, without a store 
 
 
 class ResponseStore:
-    """Records `{"id", "response", "input"}`: the Response object and the conversation's
-    input items up to it (what a continuation puts before its own input)."""
+    """Records `{"id", "response", "input", "conversation"}`: the Response object, the
+    conversation's input items up to it (what a continuation puts before its own input),
+    and the id of the conversation's first response (its session, for replica choice)."""
 
     def __init__(self, store: Store, ttl_s: float) -> None:
         self.store = store

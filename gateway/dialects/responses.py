@@ -46,14 +46,15 @@ class ResponsesDialect:
 
     async def expand(
         self, body: dict[str, Any], context: DialectContext, store: ResponseStore
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], str | None]:
         """`body` with the conversation `previous_response_id` names put before its input
-        (that response's input items, then its output); `NotFound` when the caller's
-        tenant has no such response. The body is checked first: bad input reads nothing."""
+        (that response's input items, then its output), and that conversation's id (its
+        first response's); `NotFound` when the caller's tenant has no such response. The
+        body is checked first: bad input reads nothing."""
         request = check_request(body)
         previous_id = request.previous_response_id
         if previous_id is None:
-            return body
+            return body, None
         record = await store.load(context.scope, previous_id)
         if record is None:
             raise NotFound(
@@ -62,7 +63,8 @@ class ResponsesDialect:
                 code="previous_response_not_found",
             )
         history = [*record["input"], *record["response"]["output"]]
-        return {**body, "input": [*history, *input_items(body)]}
+        conversation = record.get("conversation") or previous_id
+        return {**body, "input": [*history, *input_items(body)]}, conversation
 
     def translation(self, body: Mapping[str, Any], context: DialectContext) -> ResponseTranslation:
         return ResponseTranslation(body, context)

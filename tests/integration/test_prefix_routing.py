@@ -10,6 +10,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import openai
 import pytest
 
 from gateway.prefix import replica_id
@@ -185,3 +186,44 @@ def test_an_ejected_replicas_session_moves_without_errors(
     moved = ask(gateway, messages, headers=headers).headers["x-triage-replica"]
     assert moved != first
     assert ask(gateway, messages, headers=headers).headers["x-triage-replica"] == moved
+
+
+def test_a_responses_conversation_stays_on_one_replica(gateway: Service) -> None:
+    """Each turn names the last response (`previous_response_id`, a new id every turn) and
+    brings new `instructions` (not carried over, OpenAI's rule): the prompt's prefix matches
+    nowhere, and only the stored conversation keeps the turns on one replica."""
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-any", max_retries=0)
+    previous: str | None = None
+    replicas = []
+    for turn in range(6):
+        raw = client.responses.with_raw_response.create(
+            model="auto",
+            max_output_tokens=4,
+            instructions=f"rules of turn {turn}. " * 100,
+            input=f"turn {turn} of r1",
+            **({} if previous is None else {"previous_response_id": previous}),
+        )
+        replicas.append(raw.headers["x-triage-replica"])
+        previous = raw.parse().id
+    assert len(set(replicas)) == 1
+
+
+def test_a_stateless_agent_keys_its_session_on_prompt_cache_key(gateway: Service) -> None:
+    """Codex-style: `store: false`, the whole conversation resent each turn, new
+    instructions each turn, and the thread's id in `prompt_cache_key`."""
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-any", max_retries=0)
+    items: list[Any] = []
+    replicas = []
+    for turn in range(6):
+        items.append({"role": "user", "content": f"turn {turn} of thread-9"})
+        raw = client.responses.with_raw_response.create(
+            model="auto",
+            max_output_tokens=4,
+            store=False,
+            instructions=f"environment at turn {turn}. " * 100,
+            input=items,
+            prompt_cache_key="thread-9",
+        )
+        replicas.append(raw.headers["x-triage-replica"])
+        items.append({"role": "assistant", "content": raw.parse().output_text or "ok"})
+    assert len(set(replicas)) == 1

@@ -795,7 +795,8 @@ async def test_previous_response_id_puts_the_stored_conversation_first() -> None
         "instructions": "new rules",
         "input": [{"type": "function_call_output", "call_id": "c1", "output": "sunny"}],
     }
-    expanded = await DIALECT.expand(body, CONTEXT, store)
+    expanded, conversation = await DIALECT.expand(body, CONTEXT, store)
+    assert conversation == "resp_r1"  # the record has none: it began the conversation
     assert expanded["input"][0] == {"type": "message", "role": "user", "content": "weather?"}
     assert expanded["input"][1]["type"] == "function_call"
     assert DIALECT.parse(expanded)["messages"] == [
@@ -815,10 +816,13 @@ async def test_previous_response_id_puts_the_stored_conversation_first() -> None
     again = second.stored()
     assert again is not None and again["response"]["previous_response_id"] == "resp_r1"
     assert len(again["input"]) == 3  # the whole conversation: a third turn needs one read
-    assert await DIALECT.expand({"model": "m", "input": "x"}, CONTEXT, store) == {
-        "model": "m",
-        "input": "x",
-    }
+    await store.save(CONTEXT.scope, {**again, "conversation": "resp_r1"})
+    third = {"model": "m", "previous_response_id": again["id"], "input": "and tomorrow?"}
+    assert (await DIALECT.expand(third, CONTEXT, store))[1] == "resp_r1"
+    assert await DIALECT.expand({"model": "m", "input": "x"}, CONTEXT, store) == (
+        {"model": "m", "input": "x"},
+        None,
+    )
 
 
 async def test_another_tenants_or_an_unknown_response_is_not_found() -> None:

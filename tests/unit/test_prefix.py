@@ -191,12 +191,22 @@ def test_a_session_stays_on_its_replica_while_healthy_then_moves() -> None:
 
 
 def test_the_session_source_is_the_policys_choice() -> None:
-    p = pool(session="header")
+    p = pool(session="client")
     body = chat("x", system="s", user="alice")
-    assert view(body).session_from("header") is None
+    assert view(body).session_from("client") is None
     assert view(body).session_from("user") == "alice"
     assert view(body, {"x-session-id": "h"}).session_from("any") == "h"
     assert view(body).session_from("none") is None
+    # What a client names a session: the header, else `prompt_cache_key`, else the stored
+    # Responses conversation the request continues.
+    keyed = chat("x", system="s", user="alice", prompt_cache_key="codex-thread-7")
+    assert view(keyed).session_from("any") == "codex-thread-7"
+    assert view(keyed, {"x-session-id": "h"}).session_from("client") == "h"
+    continued = ParsedRequest(
+        "chat", body, "auto", False, False, read_hints({}), conversation="resp_first"
+    )
+    assert RequestView("t", continued, session_key(continued)).session_from("any") == "resp_first"
+    assert RequestView("t", continued).session_from("user") == "alice"
     assert p.pick(request=view(body)) is not None
     assert p.prefix is not None and p.prefix.sessions == 0  # `user` is not trusted here
 
