@@ -18,12 +18,14 @@ from tests.integration.conftest import (
 
 FAST = ("--ttft-ms", "5", "--itl-ms", "1")
 EMBED = "tiny-embed"
-# Difficulty scores under classifiers/models/default: 0.148 (below the 0.149 threshold that
-# `strong_fraction: 0.9` gives) and 0.241 (above it).
+# Difficulty scores under classifiers/models/default: 0.183 (below the 0.244 threshold that
+# `strong_fraction: 0.9` gives) and 0.268 (above it).
 EASY = "Say hello."
 HARD = (
     "Prove that there are infinitely many primes p such that p ≡ 3 (mod 4), "
-    "and explain why the same argument fails for p ≡ 1 (mod 4)."
+    "and explain why the same argument fails for p ≡ 1 (mod 4). Then state Dirichlet's "
+    "theorem on primes in arithmetic progressions, sketch how L-functions enter its proof, "
+    "and say which step has no elementary replacement."
 )
 pytestmark = pytest.mark.integration
 

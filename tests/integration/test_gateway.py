@@ -392,10 +392,12 @@ def test_health_endpoints(gateway: Service) -> None:
 def test_auto_routes_by_classifier(
     log_dir: Path, services: Services, sims: dict[str, list[Service]]
 ) -> None:
+    # The shipped model ranks by prompt length until traffic teaches it more (its card):
+    # the hard prompt is a long review request, the easy one a greeting.
     routing = {
         "default_tier": "cheap",
         "classifier": "classifiers/models/default",
-        "thresholds": {"large": 0.25},
+        "strong_fraction": 0.5,
     }
     policy = policy_for([sims["small"][0].url], [sims["large"][0].url], routing=routing)
     gw = services(start_gateway(log_dir, policy))
@@ -410,19 +412,17 @@ def test_auto_routes_by_classifier(
             messages=[
                 {
                     "role": "user",
-                    "content": "Prove that there are infinitely many primes, then implement "
-                    "a segmented sieve in Rust with property tests and explain its complexity.",
+                    "content": "Review this Rust crate for soundness: every `unsafe` block, "
+                    "the `Send`/`Sync` impls, and the lock ordering between the cache and "
+                    "the writer thread. For each problem, give the failing interleaving, a "
+                    "minimal test that shows it under loom or miri, and the smallest fix. " * 6,
                 }
             ],
         ),
     )
     assert easy.headers["x-triage-tier"] == "cheap"
     assert hard.headers["x-triage-tier"] == "large"
-    assert (
-        float(easy.headers["x-triage-difficulty"])
-        < 0.25
-        <= float(hard.headers["x-triage-difficulty"])
-    )
+    assert float(easy.headers["x-triage-difficulty"]) < float(hard.headers["x-triage-difficulty"])
 
 
 def _dead_port() -> int:
