@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import logging
@@ -42,6 +43,7 @@ from gateway.budgets.plan import downgrade_order
 from gateway.cache.plan import CACHE_HEADER, NATIVE_BYPASS, bypassed
 from gateway.cache.replay import render_events, render_json
 from gateway.dialects import Dialect, DialectContext, Translation
+from gateway.dialects.context_edits import edit_context
 from gateway.dialects.messages import MessagesDialect
 from gateway.dialects.responses import ResponsesDialect, ResponseTranslation
 from gateway.dispatch import SHED_CODES, Dispatched
@@ -225,6 +227,9 @@ class Gateway:
             conversation = None
             if isinstance(dialect, ResponsesDialect):
                 body, conversation = await _expanded(dialect, body, context, runtime)
+            elif isinstance(dialect, MessagesDialect):
+                body, edits = edit_context(body)
+                context = dataclasses.replace(context, context_edits=edits)
             chat = dialect.parse(body)
             parsed = checked_request(chat, kind, headers, dialect.name, body, conversation)
             record.requested(parsed)

@@ -31,10 +31,12 @@ class ErrorAnswer:
 @dataclass(frozen=True, slots=True)
 class DialectContext:
     """What a dialect may need beyond the body: who is calling (to scope stored state
-    to the tenant) and the request id (the answer's id is derived from it)."""
+    to the tenant), the request id (the answer's id is derived from it), and the context
+    edits the gateway applied to a Messages request (its answer reports them)."""
 
     request_id: str
     scope: str
+    context_edits: list[dict[str, Any]] | None = None
 
 
 class Translation(Protocol):

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from gateway.dialects import DialectContext, ErrorAnswer
+from gateway.dialects.context_edits import edit_context
 from gateway.dialects.messages_answer import MessagesTranslation, error_answer
 from gateway.dialects.messages_request import to_chat
 from gateway.errors import TriageError
@@ -26,13 +27,16 @@ class MessagesDialect:
 
     def parse_count_tokens(self, body: dict[str, Any]) -> dict[str, Any]:
         """A `count_tokens` request (a Messages request without `max_tokens`), checked,
-        as the chat body whose prompt `count_tokens_estimate` counts."""
-        return to_chat(body, require_max_tokens=False)
+        as the chat body whose prompt `count_tokens_estimate` counts (after its context
+        edits, as the prompt would be sent)."""
+        return to_chat(edit_context(body)[0], require_max_tokens=False)
 
     def translation(self, body: Mapping[str, Any], context: DialectContext) -> MessagesTranslation:
         stops = body.get("stop_sequences")
         stop_sequences = [s for s in stops if isinstance(s, str)] if isinstance(stops, list) else []
-        return MessagesTranslation(f"msg_{context.request_id}", stop_sequences)
+        return MessagesTranslation(
+            f"msg_{context.request_id}", stop_sequences, context.context_edits
+        )
 
     def error(self, error: TriageError) -> ErrorAnswer:
         return error_answer(error)

@@ -124,9 +124,16 @@ class MessagesTranslation:
     """One request's answer as Anthropic Messages: `json` for a whole answer, `events`
     for a stream (stateful: one instance per stream)."""
 
-    def __init__(self, message_id: str, stop_sequences: Sequence[str]) -> None:
+    def __init__(
+        self,
+        message_id: str,
+        stop_sequences: Sequence[str],
+        context_edits: list[dict[str, Any]] | None = None,
+    ) -> None:
         self._id = message_id
         self._stops = frozenset(stop_sequences)
+        # Reported as Anthropic reports its own: on the message, and on `message_delta`.
+        self._context = None if context_edits is None else {"applied_edits": context_edits}
         # Stream state.
         self._started = False
         self._ended = False
@@ -181,18 +188,19 @@ class MessagesTranslation:
         stop_reason, stop_sequence = self._stop(
             choice.get("finish_reason"), choice.get("stop_reason"), bool(calls)
         )
-        return orjson.dumps(
-            {
-                "id": self._id,
-                "type": "message",
-                "role": "assistant",
-                "model": answer.get("model") or "",
-                "content": content,
-                "stop_reason": stop_reason,
-                "stop_sequence": stop_sequence,
-                "usage": _usage(answer.get("usage")),
-            }
-        )
+        reply = {
+            "id": self._id,
+            "type": "message",
+            "role": "assistant",
+            "model": answer.get("model") or "",
+            "content": content,
+            "stop_reason": stop_reason,
+            "stop_sequence": stop_sequence,
+            "usage": _usage(answer.get("usage")),
+        }
+        if self._context is not None:
+            reply["context_management"] = self._context
+        return orjson.dumps(reply)
 
     def _tool_id(self, index: int) -> str:
         return f"toolu_{self._id.removeprefix('msg_')}_{index}"
@@ -335,6 +343,8 @@ class MessagesTranslation:
             "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
             "usage": _usage(self._usage),
         }
+        if self._context is not None:
+            payload["context_management"] = self._context
         out.append(_event("message_delta", payload))
         self._delta_sent = True
 

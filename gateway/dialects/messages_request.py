@@ -33,7 +33,6 @@ _M = TypeVar("_M", bound=BaseModel)
 # Documented by Anthropic, meaningless without Anthropic's own services behind them.
 _UNSUPPORTED = {
     "container": "code-execution containers",
-    "context_management": "server-side context editing",
     "diagnostics": "prompt-cache diagnostics",
     "inference_geo": "inference regions",
     "mcp_servers": "remote MCP servers",
