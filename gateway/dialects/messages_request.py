@@ -138,6 +138,9 @@ class _Tool(_Strict):
     eager_input_streaming: bool | None = None  # arguments stream as they come anyway
     defer_loading: Literal[False] | None = None
     allowed_callers: list[Literal["direct"]] | None = None
+    # Example inputs (Anthropic's tool-use examples): chat tools have no field for them,
+    # so they join the description, where a model reads them all the same.
+    input_examples: list[dict[str, Any]] | None = Field(None, max_length=20)
 
 
 class _ToolChoice(_Strict):
@@ -420,8 +423,9 @@ def _add_tools(chat: dict[str, Any], request: _Request) -> None:
                 )
             tool = _checked(_Tool, value, f"tools.{i}")
             function: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema}
-            if tool.description is not None:
-                function["description"] = tool.description
+            description = _with_examples(tool.description, tool.input_examples)
+            if description is not None:
+                function["description"] = description
             if tool.strict is not None:
                 function["strict"] = tool.strict
             tools.append({"type": "function", "function": function})
@@ -442,6 +446,14 @@ def _add_tools(chat: dict[str, Any], request: _Request) -> None:
         chat["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
     if choice.disable_parallel_tool_use:
         chat["parallel_tool_calls"] = False
+
+
+def _with_examples(description: str | None, examples: list[dict[str, Any]] | None) -> str | None:
+    if not examples:
+        return description
+    lines = [orjson.dumps(example).decode() for example in examples]
+    shown = "Example inputs:\n" + "\n".join(lines)
+    return shown if description is None else f"{description}\n\n{shown}"
 
 
 def _effort(budget: int) -> str:

@@ -241,6 +241,14 @@ def test_tool_choice(choice: dict[str, Any], expected: object) -> None:
     assert "parallel_tool_calls" not in chat
 
 
+def test_tool_input_examples_join_the_description() -> None:
+    examples = [{"city": "Paris"}, {"city": "Lima"}]
+    chat = DIALECT.parse(request(tools=[{**TOOL, "input_examples": examples}]))
+    description = chat["tools"][0]["function"]["description"]
+    assert description.startswith(TOOL["description"])
+    assert description.endswith('Example inputs:\n{"city":"Paris"}\n{"city":"Lima"}')
+
+
 @pytest.mark.parametrize(
     ("thinking", "expected"),
     [
@@ -359,7 +367,7 @@ _USER_HI = {"role": "user", "content": "hi"}
         ("system", [{"type": "text", "text": 3}], "system.0.text"),
         ("tools.0.type", "web_search_20250305", "tools.0.type"),
         ("tools.0.name", "bad name!", "tools.0.name"),
-        ("tools.0.input_examples", [{}], "tools.0.input_examples"),
+        ("tools.0.input_examples", "not a list", "tools.0.input_examples"),
         ("tool_choice", {"type": "tool", "name": "missing"}, "tool_choice.name"),
         ("tool_choice", {"type": "sometimes"}, "tool_choice.type"),
         ("thinking", {"type": "enabled"}, "thinking.budget_tokens"),
