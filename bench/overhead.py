@@ -248,12 +248,29 @@ def run_wrk(target: Target, stream: bool, concurrency: int, duration: float, wor
     )
 
 
+def start_sim(
+    profile: str, model: str, *flags: str, log: Path | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A `triage sim` serving `model`, once healthy, and its /v1 URL."""
+    port = free_port()
+    args = ["-m", "gateway.cli", "sim", "--profile", profile, "--model", model, *flags]
+    sim = start([PYTHON, *args, "--port", str(port)], f"http://127.0.0.1:{port}/health", log=log)
+    return sim, f"http://127.0.0.1:{port}/v1"
+
+
 def start_stub() -> tuple[subprocess.Popen[bytes], str]:
     """The stub backend every overhead bench measures against, and its /v1 URL."""
+    return start_sim("instant", MODEL)
+
+
+def start_gateway(
+    policy: Path, *flags: str, log: Path | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A `triage serve` on the policy file `policy`, once healthy, and its root URL."""
     port = free_port()
-    args = ["-m", "gateway.cli", "sim", "--profile", "instant", "--model", MODEL]
-    stub = start([PYTHON, *args, "--port", str(port)], f"http://127.0.0.1:{port}/health")
-    return stub, f"http://127.0.0.1:{port}/v1"
+    args = ["-m", "gateway.cli", "serve", "--policy", str(policy), "--port", str(port), *flags]
+    gateway = start([PYTHON, *args], f"http://127.0.0.1:{port}/healthz", log=log)
+    return gateway, f"http://127.0.0.1:{port}"
 
 
 def triage_policy(stub_url: str, path: Path, cache: bool = False) -> None:
@@ -277,10 +294,8 @@ def triage_policy(stub_url: str, path: Path, cache: bool = False) -> None:
 def triage_target(stub_url: str, workdir: Path, name: str, cache: bool) -> Target:
     policy = workdir / f"{name}.yaml"
     triage_policy(stub_url, policy, cache)
-    port = free_port()
-    args = ["-m", "gateway.cli", "serve", "--policy", str(policy), "--port", str(port)]
-    gateway = start([PYTHON, *args, "--log-level", "warning"], f"http://127.0.0.1:{port}/healthz")
-    return Target(name, f"http://127.0.0.1:{port}/v1", gateway, "auto")
+    gateway, root = start_gateway(policy, "--log-level", "warning")
+    return Target(name, root + "/v1", gateway, "auto")
 
 
 def litellm_target(stub_url: str, workdir: Path) -> Target | None:

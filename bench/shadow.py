@@ -33,7 +33,8 @@ from typing import Any
 
 import httpx
 import yaml
-from _processes import PYTHON, free_port, start, stop
+from _processes import stop
+from overhead import start_gateway, start_sim
 
 from gateway.policy import StoreSettings, parse_policy
 from gateway.shadow import SHADOW_TENANT, cap_ledger
@@ -79,14 +80,6 @@ class Arm:
     errors: int = 0
 
 
-def start_sim(profile: str, model: str, workdir: Path, name: str) -> tuple[str, Any]:
-    port = free_port()
-    args = [PYTHON, "-m", "gateway.cli", "sim", "--profile", profile, "--port", str(port)]
-    args += ["--model", model, "--seed", "1"]
-    root = f"http://127.0.0.1:{port}"
-    return root + "/v1", start(args, root + "/health", log=workdir / f"sim-{name}.log")
-
-
 def policy(sims: list[str], rows: Path, store: dict[str, Any], shadow: dict[str, Any] | None):
     small, large, judge = sims
     routing: dict[str, Any] = {"default_tier": "cheap", "feedback": {"path": str(rows)}}
@@ -121,14 +114,12 @@ def policy(sims: list[str], rows: Path, store: dict[str, Any], shadow: dict[str,
     }
 
 
-def start_gateway(spec: dict[str, Any], workdir: Path, name: str) -> tuple[str, Any, Path]:
-    port = free_port()
+def serve(spec: dict[str, Any], workdir: Path, name: str) -> tuple[str, Any]:
+    """A gateway on the policy `spec`: its root URL and process (logs in `workdir`)."""
     path = workdir / f"policy-{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    args = [PYTHON, "-m", "gateway.cli", "serve", "--policy", str(path), "--port", str(port)]
-    root = f"http://127.0.0.1:{port}"
-    log = workdir / f"gateway-{name}.log"
-    return root, start(args, root + "/healthz", log=log), log
+    process, root = start_gateway(path, log=workdir / f"gateway-{name}.log")
+    return root, process
 
 
 def prompt(rng: random.Random) -> str:
@@ -216,14 +207,15 @@ def main() -> int:
                 ("large", "large", LARGE),
                 ("judge", "small", SMALL),
             ):
-                url, process = start_sim(profile, model, workdir, f"{name}-{role}")
+                log = workdir / f"sim-{name}-{role}.log"
+                process, url = start_sim(profile, model, "--seed", "1", log=log)
                 sims.append(url)
                 processes.append(process)
             store = {"redis_url": redis.url, "key_prefix": f"{name}:", "timeout_ms": 1000}
             rows = workdir / f"{name}.jsonl"
             shadow = None if name == "off" else {"sample_rate": args.rate, "usd_per_day": args.cap}
             specs[name] = policy(sims, rows, store, shadow)
-            url, process, _ = start_gateway(specs[name], workdir, name)
+            url, process = serve(specs[name], workdir, name)
             processes.append(process)
             arms.append(Arm(name, url, sims, rows))
         rng = random.Random(args.seed)
@@ -247,7 +239,7 @@ def main() -> int:
             {"redis_url": redis.url, "key_prefix": "tiny:", "timeout_ms": 1000},
             {"sample_rate": 1.0, "usd_per_day": args.tiny_cap},
         )
-        url, process, _ = start_gateway(tiny, workdir, "tiny")
+        url, process = serve(tiny, workdir, "tiny")
         tiny_before = [requests_total(sim) for sim in shadow_arm.sims]
         capped_arm = Arm("tiny", url, shadow_arm.sims, workdir / "tiny.jsonl")
         rng = random.Random(args.seed + 1)

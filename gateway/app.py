@@ -235,7 +235,7 @@ class Gateway:
             record.requested(parsed)
             translation = dialect.translation(body, context)
         with record.trace.span("triage.route"):
-            decision = self._route(runtime, parsed, caller, headers)
+            decision = self.route(runtime, parsed, caller, headers)
         record.routed(decision)
         telemetry, prices, ledger = self.telemetry, runtime.prices, runtime.ledger
         return Exchange(
@@ -251,12 +251,21 @@ class Gateway:
         record.tenant = caller.tenant
         return caller
 
-    def _route(
-        self, runtime: Runtime, parsed: ParsedRequest, caller: Caller, headers: Mapping[str, str]
+    def route(
+        self,
+        runtime: Runtime,
+        parsed: ParsedRequest,
+        caller: Caller,
+        headers: Mapping[str, str],
+        tokens: int | None = None,
     ) -> Decision:
+        """Where `parsed` goes, among the tiers the caller may use (PermissionDenied if the
+        chosen tier is not one); `tokens`, the prompt's size if known better than by
+        `estimated_prompt_tokens`. Decides only: nothing is reserved, sent or recorded."""
         if parsed.kind == "embeddings" and parsed.model == AUTO:
             raise InvalidRequest("Embeddings need a model or tier name, not 'auto'.", param="model")
-        tokens = parsed.estimated_prompt_tokens()
+        if tokens is None:
+            tokens = parsed.estimated_prompt_tokens()
         tier = parsed.hints.tier
         route = RouteInput(parsed.model, parsed.body, headers, tokens, parsed.kind, tier)
         decision = runtime.router.decide(route)

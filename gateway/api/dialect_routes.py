@@ -18,8 +18,7 @@ from gateway.dialects import Dialect
 from gateway.dialects.messages import MessagesDialect, count_tokens_estimate
 from gateway.dialects.response_store import public
 from gateway.dialects.responses import ResponsesDialect
-from gateway.errors import NotFound, TriageError, UpstreamUnavailable
-from gateway.router import RouteInput
+from gateway.errors import NotFound, PermissionDenied, TriageError, UpstreamUnavailable
 from gateway.store import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -63,10 +62,10 @@ class DialectRoutes:
         chat = _MESSAGES.parse_count_tokens(body)
         parsed = checked_request(chat, "chat", headers, _MESSAGES.name)
         estimate = count_tokens_estimate(chat)
-        route = RouteInput(parsed.model, chat, headers, estimate, "chat", parsed.hints.tier)
-        decision = runtime.router.decide(route).restricted_to(caller.may_use)
-        if decision is None:
-            return estimate
+        try:
+            decision = gateway.route(runtime, parsed, caller, headers, tokens=estimate)
+        except PermissionDenied:
+            return estimate  # a tier the caller may not use: its replicas are not asked
         pool = runtime.pools[decision.model]
         replica = pool.pick()
         if replica is None:

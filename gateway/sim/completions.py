@@ -11,11 +11,10 @@ from starlette.types import Send
 
 from gateway.sim.agent import AgentAnswer, agent_answer
 from gateway.sim.asgi import send_json
-from gateway.sim.generation import GenerationEndpoint
+from gateway.sim.generation import GenerationEndpoint, check_context, output_limit
 from gateway.sim.judge import answer_plans
 from gateway.sim.protocol import (
     SimRequest,
-    SimRequestError,
     parse_chat_request,
     parse_completion_request,
 )
@@ -24,7 +23,7 @@ from gateway.sim.service import SimService
 from gateway.sim.shapes import ChunkFormatter, completion_body
 from gateway.sim.tokens import token_ids
 
-__all__ = ["CompletionEndpoint", "check_context", "output_limit"]
+__all__ = ["CompletionEndpoint"]
 
 
 class CompletionEndpoint(GenerationEndpoint[SimRequest]):
@@ -104,45 +103,6 @@ class CompletionEndpoint(GenerationEndpoint[SimRequest]):
         await send_json(send, 200, body)
 
 
-def output_limit(service: SimService, prompt_tokens: int, max_tokens: int | None) -> int | None:
-    """The output budget of a request: its max_tokens, cut to the context window by servers that
-    do not refuse an answer too long for it."""
-    if service.quirks.context_check == "prompt_and_output":
-        return max_tokens
-    room = max(service.profile.max_model_len - prompt_tokens, 0)
-    return room if max_tokens is None else min(max_tokens, room)
-
-
 def _check_context(request: SimRequest, max_model_len: int, check: ContextCheck) -> None:
     param = "messages" if request.endpoint == "chat" else "prompt"
     check_context(request.prompt_tokens, request.max_tokens, max_model_len, check, param)
-
-
-def check_context(
-    prompt_tokens: int, max_tokens: int | None, max_model_len: int, check: ContextCheck, param: str
-) -> None:
-    """Refuse a request too long for the context window, as the server kind `check` would."""
-    if check == "none":
-        return  # Ollama truncates the prompt to its context window instead of refusing it
-    if check == "prompt_only":
-        # llama.cpp and llama-cpp-python refuse only a prompt that fills the context; the
-        # answer is cut at the window's end.
-        if prompt_tokens >= max_model_len:
-            raise SimRequestError(
-                f"Requested tokens ({prompt_tokens}) exceed context window of {max_model_len}",
-                param=param,
-                code="context_length_exceeded",
-                validation=False,
-            )
-        return
-    # vLLM refuses a request that cannot fit its context window rather than truncating it.
-    wanted = prompt_tokens + (max_tokens or 1)
-    if wanted > max_model_len:
-        raise SimRequestError(
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {wanted} tokens ({prompt_tokens} in the messages, "
-            f"{max_tokens or 1} in the completion). Please reduce the length of the "
-            "messages or completion.",
-            param=param,
-            validation=False,
-        )

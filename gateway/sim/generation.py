@@ -3,7 +3,9 @@ Responses): faults, admission to the engine, token pacing, streaming, metrics an
 
 Endpoints differ only in how they parse a body and shape the answer, so a request costs the
 same time, batch slot and KV blocks whatever dialect it came in, and /metrics counts them all:
-what a gateway passes through natively is measured like what it translates to chat.
+what a gateway passes through natively is measured like what it translates to chat. The
+context window is checked and the output capped here for the same reason: a too-long request
+is refused (or cut) alike in every dialect.
 """
 
 from __future__ import annotations
@@ -13,14 +15,26 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
+import orjson
 from starlette.types import Receive, Scope, Send
 
-from gateway.sim.asgi import wait_forever
+from gateway.sim.agent import AgentAnswer, AgentAsk, agent_answer
+from gateway.sim.asgi import send_json, wait_forever
 from gateway.sim.engine import CompletionPlan
 from gateway.sim.protocol import SimRequestError
+from gateway.sim.quirks import ContextCheck
 from gateway.sim.service import SimService
+from gateway.sim.tokens import token_ids
 
-__all__ = ["ErrorShape", "GenerationEndpoint", "StreamShape"]
+__all__ = [
+    "AgentEndpoint",
+    "AnswerShape",
+    "ErrorShape",
+    "GenerationEndpoint",
+    "StreamShape",
+    "check_context",
+    "output_limit",
+]
 
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -42,6 +56,23 @@ class _Request(Protocol):
 _RequestT = TypeVar("_RequestT", bound=_Request)
 
 
+class _AgentRequest(_Request, Protocol):
+    @property
+    def prompt(self) -> str: ...
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def max_tokens(self) -> int | None: ...
+
+    @property
+    def agent(self) -> AgentAsk: ...
+
+
+_AgentRequestT = TypeVar("_AgentRequestT", bound=_AgentRequest)
+
+
 class StreamShape(Protocol):
     """The SSE bytes of one streamed answer, step by step."""
 
@@ -55,6 +86,14 @@ class StreamShape(Protocol):
 
     def closing(self, cached_tokens: int) -> bytes:
         """The events after the last token: finish, usage, end of stream."""
+        ...
+
+
+class AnswerShape(StreamShape, Protocol):
+    """One answer in an API's shape: streamed step by step, or whole."""
+
+    def whole(self, cached_tokens: int) -> dict[str, object]:
+        """The body of the answer sent at once."""
         ...
 
 
@@ -181,6 +220,95 @@ class GenerationEndpoint(Generic[_RequestT]):
             # A stuck replica keeps its batch slot and its connection until the client leaves.
             await wait_forever()
         return sent
+
+
+class AgentEndpoint(GenerationEndpoint[_AgentRequestT]):
+    """An endpoint that gives one answer, with tools and reasoning (Messages, Responses): this
+    checks the context and plans the answer; subclasses read the body and shape the answer."""
+
+    # The body field a request too long for the context window is blamed on.
+    context_param: str
+
+    def read(self, body: dict[str, object]) -> _AgentRequestT:
+        """Validate a request body; SimRequestError for one the server would refuse."""
+        raise NotImplementedError
+
+    def shape(self, request: _AgentRequestT, answer: AgentAnswer, model: str) -> AnswerShape:
+        """The answer in this API's shape; `model` is the name the answer carries."""
+        raise NotImplementedError
+
+    def parse(self, body: dict[str, object]) -> _AgentRequestT:
+        request = self.read(body)
+        service = self._service
+        check_context(
+            request.prompt_tokens,
+            request.max_tokens,
+            service.profile.max_model_len,
+            service.quirks.context_check,
+            self.context_param,
+        )
+        return request
+
+    async def respond(
+        self, send: Send, request: _AgentRequestT, started: float, stall_after: int | None
+    ) -> None:
+        service = self._service
+        limit = output_limit(service, request.prompt_tokens, request.max_tokens)
+        plan = service.engine.plan(
+            prompt=request.prompt, prompt_tokens=request.prompt_tokens, max_tokens=limit
+        )
+        answer = agent_answer(plan, request.agent, request.prompt, limit)
+        model = service.profile.model
+        if service.quirks.echo_model and request.model:
+            model = request.model
+        shape = self.shape(request, answer, model)
+        plans = [answer.plan]
+        prompt_ids = token_ids(request.prompt, request.prompt_tokens)
+        if request.stream:
+            await self.stream(send, shape, plans, prompt_ids, started, stall_after)
+        else:
+            cached = await self.complete(plans, prompt_ids, started)
+            await send_json(send, 200, orjson.dumps(shape.whole(cached)))
+        self.finished(plans, started)
+
+
+def output_limit(service: SimService, prompt_tokens: int, max_tokens: int | None) -> int | None:
+    """The output budget of a request: its max_tokens, cut to the context window by servers that
+    do not refuse an answer too long for it."""
+    if service.quirks.context_check == "prompt_and_output":
+        return max_tokens
+    room = max(service.profile.max_model_len - prompt_tokens, 0)
+    return room if max_tokens is None else min(max_tokens, room)
+
+
+def check_context(
+    prompt_tokens: int, max_tokens: int | None, max_model_len: int, check: ContextCheck, param: str
+) -> None:
+    """Refuse a request too long for the context window, as the server kind `check` would."""
+    if check == "none":
+        return  # Ollama truncates the prompt to its context window instead of refusing it
+    if check == "prompt_only":
+        # llama.cpp and llama-cpp-python refuse only a prompt that fills the context; the
+        # answer is cut at the window's end.
+        if prompt_tokens >= max_model_len:
+            raise SimRequestError(
+                f"Requested tokens ({prompt_tokens}) exceed context window of {max_model_len}",
+                param=param,
+                code="context_length_exceeded",
+                validation=False,
+            )
+        return
+    # vLLM refuses a request that cannot fit its context window rather than truncating it.
+    wanted = prompt_tokens + (max_tokens or 1)
+    if wanted > max_model_len:
+        raise SimRequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {wanted} tokens ({prompt_tokens} in the messages, "
+            f"{max_tokens or 1} in the completion). Please reduce the length of the "
+            "messages or completion.",
+            param=param,
+            validation=False,
+        )
 
 
 class _Output:

@@ -29,22 +29,11 @@ from dataclasses import dataclass
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Send
 
-from gateway.sim.agent import (
-    AgentAnswer,
-    AgentAsk,
-    ReasoningEffort,
-    ToolSpec,
-    agent_answer,
-    reasoning_effort,
-)
-from gateway.sim.asgi import send_json
-from gateway.sim.completions import check_context, output_limit
-from gateway.sim.generation import ErrorShape, GenerationEndpoint
+from gateway.sim.agent import AgentAnswer, AgentAsk, ReasoningEffort, ToolSpec, reasoning_effort
+from gateway.sim.generation import AgentEndpoint, AnswerShape, ErrorShape
 from gateway.sim.protocol import SimRequestError, chat_prompt, parse_json_object
 from gateway.sim.service import SimService
-from gateway.sim.tokens import token_ids
 
 __all__ = ["MessagesEndpoint", "MessagesRequest", "count_tokens_endpoint", "parse_messages"]
 
@@ -119,46 +108,21 @@ def parse_messages(body: dict[str, object], *, needs_max_tokens: bool = True) ->
     )
 
 
-class MessagesEndpoint(GenerationEndpoint[MessagesRequest]):
+class MessagesEndpoint(AgentEndpoint[MessagesRequest]):
     """ASGI app for POST /v1/messages."""
+
+    context_param = "messages"
 
     def __init__(self, service: SimService) -> None:
         super().__init__(service)
         self.error_shape = _error_shape(service.quirks.name)
 
-    def parse(self, body: dict[str, object]) -> MessagesRequest:
-        request = parse_messages(body)
-        service = self._service
-        check_context(
-            request.prompt_tokens,
-            request.max_tokens,
-            service.profile.max_model_len,
-            service.quirks.context_check,
-            "messages",
-        )
-        return request
+    def read(self, body: dict[str, object]) -> MessagesRequest:
+        return parse_messages(body)
 
-    async def respond(
-        self, send: Send, request: MessagesRequest, started: float, stall_after: int | None
-    ) -> None:
-        service = self._service
-        limit = output_limit(service, request.prompt_tokens, request.max_tokens)
-        plan = service.engine.plan(
-            prompt=request.prompt, prompt_tokens=request.prompt_tokens, max_tokens=limit
-        )
-        answer = agent_answer(plan, request.agent, request.prompt, limit)
-        plans = [answer.plan]
+    def shape(self, request: MessagesRequest, answer: AgentAnswer, model: str) -> AnswerShape:
         # vLLM answers with the id of the chat completion it made.
-        message_id = "chatcmpl-" + os.urandom(12).hex()
-        model = request.model if service.quirks.echo_model else service.profile.model
-        prompt_ids = token_ids(request.prompt, request.prompt_tokens)
-        if request.stream:
-            shape = _MessageEvents(answer, message_id, model)
-            await self.stream(send, shape, plans, prompt_ids, started, stall_after)
-        else:
-            await self.complete(plans, prompt_ids, started)
-            await send_json(send, 200, orjson.dumps(_message_body(answer, message_id, model)))
-        self.finished(plans, started)
+        return _MessageEvents(answer, "chatcmpl-" + os.urandom(12).hex(), model)
 
 
 async def count_tokens_endpoint(service: SimService, request: Request) -> Response:
@@ -256,6 +220,9 @@ class _MessageEvents:
         if piece == "content":
             return events + _delta(self._second, {"type": "text_delta", "text": token})
         return events + _delta(self._second, {"type": "input_json_delta", "partial_json": token})
+
+    def whole(self, cached_tokens: int = 0) -> dict[str, object]:
+        return _message_body(self._answer, self._id, self._model)
 
     def closing(self, cached_tokens: int = 0) -> bytes:
         answer = self._answer

@@ -29,15 +29,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import orjson
-from starlette.types import Send
 
-from gateway.sim.agent import AgentAnswer, AgentAsk, ToolSpec, agent_answer, reasoning_effort
-from gateway.sim.asgi import send_json
-from gateway.sim.completions import check_context, output_limit
-from gateway.sim.generation import GenerationEndpoint
+from gateway.sim.agent import AgentAnswer, AgentAsk, ToolSpec, reasoning_effort
+from gateway.sim.generation import AgentEndpoint, AnswerShape
 from gateway.sim.protocol import SimRequestError, chat_prompt
-from gateway.sim.service import SimService
-from gateway.sim.tokens import token_ids
 
 __all__ = ["ResponsesEndpoint", "ResponsesRequest", "parse_responses"]
 
@@ -51,7 +46,7 @@ class ResponsesRequest:
     model: str | None
     prompt: str
     prompt_tokens: int
-    max_output_tokens: int | None
+    max_tokens: int | None  # the body's `max_output_tokens`
     stream: bool
     agent: AgentAsk
     echo: Mapping[str, object]
@@ -108,7 +103,7 @@ def parse_responses(body: dict[str, object]) -> ResponsesRequest:
         model=model,
         prompt=prompt,
         prompt_tokens=prompt_tokens,
-        max_output_tokens=max_output,
+        max_tokens=max_output,
         stream=bool(stream),
         agent=AgentAsk(
             tools=tools,
@@ -120,48 +115,16 @@ def parse_responses(body: dict[str, object]) -> ResponsesRequest:
     )
 
 
-class ResponsesEndpoint(GenerationEndpoint[ResponsesRequest]):
+class ResponsesEndpoint(AgentEndpoint[ResponsesRequest]):
     """ASGI app for POST /v1/responses."""
 
-    def __init__(self, service: SimService) -> None:
-        super().__init__(service)
+    context_param = "input"
 
-    def parse(self, body: dict[str, object]) -> ResponsesRequest:
-        request = parse_responses(body)
-        service = self._service
-        check_context(
-            request.prompt_tokens,
-            request.max_output_tokens,
-            service.profile.max_model_len,
-            service.quirks.context_check,
-            "input",
-        )
-        return request
+    def read(self, body: dict[str, object]) -> ResponsesRequest:
+        return parse_responses(body)
 
-    async def respond(
-        self, send: Send, request: ResponsesRequest, started: float, stall_after: int | None
-    ) -> None:
-        service = self._service
-        limit = output_limit(service, request.prompt_tokens, request.max_output_tokens)
-        plan = service.engine.plan(
-            prompt=request.prompt, prompt_tokens=request.prompt_tokens, max_tokens=limit
-        )
-        answer = agent_answer(plan, request.agent, request.prompt, limit)
-        model = service.profile.model
-        if service.quirks.echo_model and request.model:
-            model = request.model
-        items = _Items(answer)
-        base = _base(request, model)
-        plans = [answer.plan]
-        prompt_ids = token_ids(request.prompt, request.prompt_tokens)
-        if request.stream:
-            shape = _ResponseEvents(answer, items, base)
-            await self.stream(send, shape, plans, prompt_ids, started, stall_after)
-        else:
-            cached = await self.complete(plans, prompt_ids, started)
-            body = _finished(base, answer, items.output(), cached)
-            await send_json(send, 200, orjson.dumps(body))
-        self.finished(plans, started)
+    def shape(self, request: ResponsesRequest, answer: AgentAnswer, model: str) -> AnswerShape:
+        return _ResponseEvents(answer, _Items(answer), _base(request, model))
 
 
 class _Items:
@@ -277,14 +240,17 @@ class _ResponseEvents:
         delta = {"output_index": index, "item_id": items.call_id, "delta": token}
         return events + self._event("response.function_call_arguments.delta", delta)
 
+    def whole(self, cached_tokens: int = 0) -> dict[str, object]:
+        return _finished(self._base, self._answer, self._items.output(), cached_tokens)
+
     def closing(self, cached_tokens: int = 0) -> bytes:
-        answer, items = self._answer, self._items
+        items = self._items
         events = b""
         if items.has_second:
             events += self._second_done()
         elif items.has_reasoning:
             events += self._reasoning_done()
-        body = _finished(self._base, answer, items.output(), cached_tokens)
+        body = self.whole(cached_tokens)
         kind = "response.completed" if body["status"] == "completed" else "response.incomplete"
         return events + self._event(kind, {"response": body})
 

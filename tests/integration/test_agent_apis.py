@@ -22,26 +22,28 @@ from gateway.policy import hash_key
 from tests.integration.conftest import (
     Service,
     Services,
+    SimPair,
     policy_for,
     request_line,
     start_gateway,
     start_sim,
+    start_sim_pair,
+)
+from tests.support.agents import (
+    FAST,
+    claude_client,
+    message_text,
+    messages_tool_round_trip,
+    openai_client,
+    responses_tool,
+    weather_tool,
 )
 
 pytestmark = pytest.mark.integration
 
-FAST = ("--ttft-ms", "5", "--itl-ms", "1", "--prefill-ms-per-token", "0", "--jitter", "0")
 KEYS = {"team-a": "sk-agent-team-a", "team-b": "sk-agent-team-b", "narrow": "sk-agent-narrow"}
 ALIASES = {"claude-*": "auto", "gpt-5*": "auto", "claude-haiku-small": "cheap"}
-WEATHER_TOOL = {
-    "name": "get_weather",
-    "description": "The weather in a city.",
-    "input_schema": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
-        "required": ["city", "unit"],
-    },
-}
+WEATHER_TOOL = weather_tool(unit={"enum": ["c", "f"]})
 # A 1x1 transparent PNG.
 PIXEL = base64.b64encode(
     bytes.fromhex(
@@ -68,11 +70,8 @@ def _policy(sims: tuple[Service, Service], **sections: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def sims(log_dir: Path, services: Services) -> tuple[Service, Service]:
-    return (
-        services(start_sim(log_dir, "small", *FAST)),
-        services(start_sim(log_dir, "large", *FAST)),
-    )
+def sims(log_dir: Path, services: Services) -> SimPair:
+    return start_sim_pair(log_dir, services, *FAST)
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +80,11 @@ def gateway(log_dir: Path, services: Services, sims: tuple[Service, Service]) ->
 
 
 def claude(gateway: Service, tenant: str = "team-a") -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=gateway.url, api_key=KEYS[tenant], max_retries=0)
+    return claude_client(gateway.url, KEYS[tenant])
 
 
 def gpt(gateway: Service, tenant: str = "team-a") -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEYS[tenant], max_retries=0)
-
-
-def _text(message: anthropic.types.Message) -> str:
-    return "".join(b.text for b in message.content if b.type == "text")
+    return openai_client(gateway.url, KEYS[tenant])
 
 
 # --- Messages ----------------------------------------------------------------------------
@@ -104,7 +99,7 @@ def test_messages_plain_answer_is_routed_by_alias_and_logged(gateway: Service) -
     )
     message = raw.parse()
     assert message.type == "message" and message.role == "assistant"
-    assert _text(message)
+    assert message_text(message)
     assert message.stop_reason in {"end_turn", "max_tokens"}
     assert message.usage.input_tokens > 0 and message.usage.output_tokens > 0
     assert raw.headers["x-triage-tier"] == "cheap"  # auto, short prompt: the default tier
@@ -128,36 +123,16 @@ def test_messages_stream_accumulates_the_plain_answer(gateway: Service) -> None:
     assert kinds[0] == "message_start"
     assert kinds[-1] == "message_stop"
     assert "content_block_delta" in kinds and "message_delta" in kinds
-    assert _text(final) == _text(plain)
+    assert message_text(final) == message_text(plain)
     assert final.stop_reason == plain.stop_reason
     assert final.usage.output_tokens == plain.usage.output_tokens
 
 
 def test_messages_tool_round_trip(gateway: Service) -> None:
-    client = claude(gateway)
-    question = {"role": "user", "content": "What is the weather in Lyon?"}
-    first = client.messages.create(
-        model="claude-sonnet-4-5", max_tokens=64, tools=[WEATHER_TOOL], messages=[question]
-    )
-    assert first.stop_reason == "tool_use"
-    (call,) = [b for b in first.content if b.type == "tool_use"]
+    first, call, _ = messages_tool_round_trip(claude(gateway), "claude-sonnet-4-5", WEATHER_TOOL)
+    assert [b for b in first.content if b.type == "tool_use"] == [call]
     assert call.name == "get_weather"
     assert isinstance(call.input, dict) and set(call.input) >= {"city", "unit"}
-    second = client.messages.create(
-        model="claude-sonnet-4-5",
-        max_tokens=64,
-        tools=[WEATHER_TOOL],
-        messages=[
-            question,
-            {"role": "assistant", "content": first.content},
-            {
-                "role": "user",
-                "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "21 C"}],
-            },
-        ],
-    )
-    assert second.stop_reason in {"end_turn", "max_tokens"}
-    assert _text(second)
 
 
 def test_messages_streamed_tool_call_matches_the_plain_one(gateway: Service) -> None:
@@ -196,7 +171,7 @@ def test_messages_image_blocks_are_accepted(gateway: Service) -> None:
             }
         ],
     )
-    assert _text(message)
+    assert message_text(message)
 
 
 def test_messages_count_tokens_answers_locally(gateway: Service) -> None:
@@ -210,6 +185,15 @@ def test_messages_count_tokens_answers_locally(gateway: Service) -> None:
         messages=[{"role": "user", "content": "hi"}],
     )
     assert 0 < short.input_tokens < long.input_tokens
+
+
+def test_messages_count_tokens_never_asks_a_tier_the_caller_may_not_use(gateway: Service) -> None:
+    """`narrow` may use only `cheap`: its count for `large` is the gateway's own estimate, not
+    a 403 and not the large replica's tokenizer, which `team-a` is answered from."""
+    ask: dict[str, Any] = {"model": "large", "messages": [{"role": "user", "content": "hi"}]}
+    estimated = claude(gateway, "narrow").messages.count_tokens(**ask)
+    tokenized = claude(gateway).messages.count_tokens(**ask)
+    assert 0 < estimated.input_tokens < tokenized.input_tokens
 
 
 @pytest.mark.parametrize(
@@ -228,7 +212,7 @@ def test_messages_errors_raise_the_sdks_own_classes(
     tenant = {"bad_key": "team-a", "forbidden_tier": "narrow"}.get(call, "team-a")
     client = claude(gateway, tenant)
     if call == "bad_key":
-        client = anthropic.Anthropic(base_url=gateway.url, api_key="sk-nope", max_retries=0)
+        client = claude_client(gateway.url, "sk-nope")
     model = {"forbidden_tier": "large", "unknown_model": "no-such-model"}.get(call, "claude-x")
     content: Any = "x" * (11 << 20) if call == "too_large" else "hello"
     role = "system" if call == "bad_role" else "user"
@@ -309,10 +293,10 @@ def test_messages_cache_hit_replays_in_the_messages_dialect(
     second = claude(gw).messages.with_raw_response.create(**ask)
     assert first.headers["x-triage-cache"] == "miss"
     assert second.headers["x-triage-cache"] == "hit"
-    assert _text(second.parse()) == _text(first.parse())
+    assert message_text(second.parse()) == message_text(first.parse())
     with claude(gw).messages.stream(**ask) as stream:
         replayed = stream.get_final_message()
-    assert _text(replayed) == _text(first.parse())
+    assert message_text(replayed) == message_text(first.parse())
     # The same conversation asked over chat completions is another entry: no cross-dialect hit.
     chat = gpt(gw).chat.completions.with_raw_response.create(
         model="claude-x",
@@ -358,12 +342,7 @@ def test_responses_plain_and_stream_agree(gateway: Service) -> None:
 
 def test_responses_tool_round_trip(gateway: Service) -> None:
     client = gpt(gateway)
-    tool = {
-        "type": "function",
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": WEATHER_TOOL["input_schema"],
-    }
+    tool = responses_tool(WEATHER_TOOL)
     first = client.responses.create(
         model="gpt-5",
         input="Weather in Porto?",
@@ -446,7 +425,7 @@ def test_responses_errors_are_openai_errors(gateway: Service) -> None:
         )
     assert info.value.param is not None and "tools" in info.value.param
     with pytest.raises(openai.AuthenticationError):
-        stranger = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-no", max_retries=0)
+        stranger = openai_client(gateway.url, "sk-no")
         stranger.responses.create(model="gpt-5", input="x")
 
 
@@ -459,4 +438,4 @@ def test_messages_takes_more_stop_sequences_than_openai_allows(gateway: Service)
         stop_sequences=["\n\nHuman:", "###", "END", "STOP", "DONE", "<|eot|>"],
         messages=[{"role": "user", "content": "hello"}],
     )
-    assert _text(message)
+    assert message_text(message)

@@ -22,48 +22,35 @@ from tests.integration.conftest import (
     SMALL,
     Service,
     Services,
+    SimPair,
     request_line,
     start_gateway,
-    start_sim,
+    start_sim_pair,
+)
+from tests.support.agents import (
+    FAST,
+    chat_tool,
+    claude_client,
+    message_text,
+    messages_tool_round_trip,
+    openai_client,
+    responses_tool,
+    weather_tool,
 )
 from tests.support.processes import free_port
 
 pytestmark = pytest.mark.integration
 
-FAST = ("--ttft-ms", "5", "--itl-ms", "1", "--prefill-ms-per-token", "0", "--jitter", "0")
 KEY = "sk-backend-apis"
-WEATHER_TOOL = {
-    "name": "get_weather",
-    "description": "The weather in a city.",
-    "input_schema": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-    },
-}
-CHAT_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": WEATHER_TOOL["input_schema"],
-    },
-}
-RESPONSES_TOOL = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "The weather in a city.",
-    "parameters": WEATHER_TOOL["input_schema"],
-}
+WEATHER_TOOL = weather_tool()
+CHAT_TOOL = chat_tool(WEATHER_TOOL)
+RESPONSES_TOOL = responses_tool(WEATHER_TOOL)
 NO_STORE = {"cache-control": "no-store"}
 
 
 @pytest.fixture(scope="module")
-def sims(log_dir: Path, services: Services) -> tuple[Service, Service]:
-    return (
-        services(start_sim(log_dir, "small", *FAST)),
-        services(start_sim(log_dir, "large", *FAST)),
-    )
+def sims(log_dir: Path, services: Services) -> SimPair:
+    return start_sim_pair(log_dir, services, *FAST)
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +99,11 @@ def gateway(log_dir: Path, services: Services, sims: tuple[Service, Service]) ->
 
 
 def claude(gateway: Service) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=gateway.url, api_key=KEY, max_retries=0)
+    return claude_client(gateway.url, KEY)
 
 
 def gpt(gateway: Service) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
-
-
-def _text(message: anthropic.types.Message) -> str:
-    return "".join(b.text for b in message.content if b.type == "text")
+    return openai_client(gateway.url, KEY)
 
 
 def _logged_usage(gateway: Service, request_id: str) -> tuple[int, int]:
@@ -141,7 +124,7 @@ def test_messages_native_plain_is_the_backends_own_answer(gateway: Service) -> N
     message = raw.parse()
     assert message.id.startswith("chatcmpl-")  # vLLM's id: not translated by the gateway
     assert message.model == "m-messages"  # the served name made the policy's
-    assert _text(message)
+    assert message_text(message)
     assert raw.headers["x-triage-model"] == "m-messages"
     assert raw.headers["x-triage-cache"] == "bypass"
     usage = message.usage
@@ -167,7 +150,7 @@ def test_messages_native_stream_matches_plain_and_logs_the_sims_usage(gateway: S
     assert [b.type for b in final.content] == [b.type for b in plain.content]
     thinking = next(b for b in final.content if b.type == "thinking")
     assert thinking.signature  # vLLM signs it; a translation would leave it ""
-    assert _text(final) == _text(plain)
+    assert message_text(final) == message_text(plain)
     assert final.usage.output_tokens == plain.usage.output_tokens
     assert _logged_usage(gateway, request_id)[1] > 0
 
@@ -188,29 +171,8 @@ def test_messages_native_streamed_usage_is_logged(gateway: Service) -> None:
 
 
 def test_messages_native_tool_round_trip(gateway: Service) -> None:
-    client = claude(gateway)
-    question = {"role": "user", "content": "What is the weather in Lyon?"}
-    first = client.messages.create(
-        model="m-messages", max_tokens=64, tools=[WEATHER_TOOL], messages=[question]
-    )
-    assert first.stop_reason == "tool_use"
-    call = next(b for b in first.content if b.type == "tool_use")
+    _, call, _ = messages_tool_round_trip(claude(gateway), "m-messages", WEATHER_TOOL)
     assert call.name == "get_weather" and "city" in call.input
-    second = client.messages.create(
-        model="m-messages",
-        max_tokens=64,
-        tools=[WEATHER_TOOL],
-        messages=[
-            question,
-            {"role": "assistant", "content": first.content},
-            {
-                "role": "user",
-                "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "21 C"}],
-            },
-        ],
-    )
-    assert second.stop_reason in {"end_turn", "max_tokens"}
-    assert _text(second)
 
 
 # --- Responses client, `api: responses` backend: native ------------------------------------
@@ -354,14 +316,14 @@ def test_messages_client_to_a_responses_backend(gateway: Service) -> None:
     raw = client.messages.with_raw_response.create(**ask)
     plain = raw.parse()
     assert plain.id == f"msg_{raw.headers['x-triage-request-id']}"  # the gateway's translation
-    assert _text(plain)
+    assert message_text(plain)
     assert _logged_usage(gateway, raw.headers["x-triage-request-id"]) == (
         plain.usage.input_tokens + (plain.usage.cache_read_input_tokens or 0),
         plain.usage.output_tokens,
     )
     with client.messages.stream(**ask) as stream:
         final = stream.get_final_message()
-    assert _text(final) == _text(plain)
+    assert message_text(final) == message_text(plain)
     tool = client.messages.create(
         model="m-responses",
         max_tokens=64,
@@ -392,7 +354,7 @@ def test_fallback_to_a_messages_model_answers_chat_and_messages_clients(gateway:
     assert raw.headers["x-triage-model"] == "m-messages"
     message = raw.parse()
     assert message.id.startswith("chatcmpl-")  # native, from the pool that answered
-    assert _text(message)
+    assert message_text(message)
 
 
 def test_fallback_from_a_messages_model_to_a_chat_one(gateway: Service) -> None:
@@ -404,4 +366,4 @@ def test_fallback_from_a_messages_model_to_a_chat_one(gateway: Service) -> None:
     assert raw.headers["x-triage-model"] == "m-chat"
     message = raw.parse()
     assert message.id == f"msg_{raw.headers['x-triage-request-id']}"  # translated from chat
-    assert _text(message)
+    assert message_text(message)
