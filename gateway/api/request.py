@@ -6,6 +6,7 @@ request touches any state; the stages after take the typed values and never look
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,13 @@ from gateway.api.hints import NO_HINTS, RequestHints, read_hints
 from gateway.api.schemas import MAX_MESSAGES, SCHEMAS, RequestKind, describe_location
 from gateway.errors import BodyTooLarge, InvalidRequest
 
-__all__ = ["ParsedRequest", "checked_request", "read_json_object", "read_request"]
+__all__ = [
+    "ParsedRequest",
+    "chat_prompt_chars",
+    "checked_request",
+    "read_json_object",
+    "read_request",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,22 +52,22 @@ class ParsedRequest:
     conversation: str | None = None
     max_tokens: int | None = field(init=False)
     choices: int = field(init=False)
+    _prompt_chars: int = field(default=-1, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_tokens", _max_tokens(self.kind, self.body))
         object.__setattr__(self, "choices", _choices(self.kind, self.body))
 
     def prompt_chars(self) -> int:
-        """Characters of prompt text: a bounded, cheap stand-in for a token count."""
+        """Characters of prompt: a bounded, cheap stand-in for a token count, what budgets
+        reserve for and length rules route by; counted once (`chat_prompt_chars`)."""
+        if self._prompt_chars < 0:
+            object.__setattr__(self, "_prompt_chars", self._count_prompt_chars())
+        return self._prompt_chars
+
+    def _count_prompt_chars(self) -> int:
         if self.kind == "chat":
-            total = 0
-            for message in self.body["messages"]:
-                content = message.get("content")
-                if isinstance(content, str):
-                    total += len(content)
-                elif isinstance(content, list):
-                    total += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
-            return total
+            return chat_prompt_chars(self.body)
         prompt = self.body.get("prompt", self.body.get("input"))
         if isinstance(prompt, str):
             return len(prompt)
@@ -83,6 +90,34 @@ class ParsedRequest:
             options["include_usage"] = True
             body["stream_options"] = options
         return orjson.dumps(body)
+
+
+def chat_prompt_chars(body: Mapping[str, Any]) -> int:
+    """Characters a chat template renders into the prompt: the messages' text, reasoning
+    handed back, tool calls' names and arguments, and the tool definitions, which run to
+    tens of thousands of characters in a coding agent's request: leaving them out let a
+    budget reserve a fraction of an agent request's cost. Images count nothing."""
+    chars = 0
+    for message in body.get("messages") or ():
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+        for name in ("reasoning", "reasoning_content"):
+            reasoning = message.get(name)
+            if isinstance(reasoning, str):
+                chars += len(reasoning)
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                chars += len(str(function.get("name") or ""))
+                chars += len(str(function.get("arguments") or ""))
+    tools = body.get("tools")
+    if tools:
+        with contextlib.suppress(orjson.JSONEncodeError):  # too deep: refused before sending
+            chars += len(orjson.dumps(tools))
+    return chars
 
 
 def _max_tokens(kind: RequestKind, body: Mapping[str, Any]) -> int | None:

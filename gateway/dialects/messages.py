@@ -6,8 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
-
+from gateway.api.request import chat_prompt_chars
 from gateway.dialects import DialectContext, ErrorAnswer
 from gateway.dialects.context_edits import edit_context
 from gateway.dialects.messages_answer import MessagesTranslation, error_answer
@@ -43,24 +42,6 @@ class MessagesDialect:
 
 
 def count_tokens_estimate(chat_body: Mapping[str, Any]) -> int:
-    """Input tokens of a translated body by the gateway's own estimate: characters / 4 + 1,
-    as `ParsedRequest.estimated_prompt_tokens` counts, over the messages' text, the
-    assistant turns' tool calls and the tool definitions (which a template renders into
-    the prompt too). Images count nothing, as there."""
-    chars = 0
-    for message in chat_body.get("messages") or ():
-        content = message.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
-        reasoning = message.get("reasoning")
-        if isinstance(reasoning, str):
-            chars += len(reasoning)
-        for call in message.get("tool_calls") or ():
-            function = call.get("function") or {}
-            chars += len(function.get("name") or "") + len(function.get("arguments") or "")
-    tools = chat_body.get("tools")
-    if tools:
-        chars += len(orjson.dumps(tools))
-    return chars // 4 + 1
+    """Input tokens of a translated body by the gateway's own estimate: characters / 4 + 1
+    over what a template renders (`chat_prompt_chars`), as budgets and routing count."""
+    return chat_prompt_chars(chat_body) // 4 + 1

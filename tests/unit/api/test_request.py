@@ -110,6 +110,26 @@ async def test_prompt_chars_counts_text_parts() -> None:
     assert parsed.prompt_chars() == 6
 
 
+async def test_prompt_chars_count_what_an_agent_sends_besides_text() -> None:
+    """Tool definitions and earlier tool calls are prompt too: a coding agent's tools run to
+    tens of thousands of characters, and budgets reserve by this count."""
+    tools = [{"type": "function", "function": {"name": "edit", "parameters": {"x": "y" * 4000}}}]
+    call = {"id": "c", "type": "function", "function": {"name": "edit", "arguments": "z" * 300}}
+    body = {
+        "model": "m",
+        "tools": tools,
+        "messages": [
+            {"role": "user", "content": "fix it"},
+            {"role": "assistant", "content": None, "tool_calls": [call], "reasoning": "r" * 50},
+            {"role": "tool", "tool_call_id": "c", "content": "done"},
+        ],
+    }
+    parsed = await parse(body)
+    expected = len("fix it") + len("edit") + 300 + 50 + len("done") + len(orjson.dumps(tools))
+    assert parsed.prompt_chars() == expected
+    assert parsed.estimated_prompt_tokens() > 1000  # the text alone is 4 tokens
+
+
 @pytest.mark.parametrize("depth", [260, 1000])
 async def test_json_the_gateway_could_not_write_again_is_refused(depth: int) -> None:
     raw = orjson.dumps({**CHAT, "x": "DEEP"}).replace(b'"DEEP"', b"[" * depth + b"]" * depth)
