@@ -1,27 +1,77 @@
 """The chat side of a backend translation: the chat chunks and usage a translated answer
-is made of, the SSE reading both backend streams share, and the error for a chat field
-a backend's API has no place for."""
+is made of, the stream reading both backend APIs share, and which chat fields a
+backend's API has no place for (and the error that names one)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from typing import Any
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, ClassVar
 
 import orjson
 
-from gateway.errors import UpstreamStatus
+from gateway.errors import UpstreamError, UpstreamStatus
 from gateway.upstream import DONE_EVENT
 
 __all__ = [
     "ChatChunks",
     "SseReader",
+    "TranslatedStream",
     "chat_usage",
     "completion",
     "count",
+    "refuse_unanswerable",
+    "refuse_unknown",
     "text_of",
     "unsupported",
 ]
+
+# Chat fields that change the answer and that neither backend API has a place for.
+_REFUSED = (
+    "logprobs",
+    "top_logprobs",
+    "frequency_penalty",
+    "presence_penalty",
+    "seed",
+    "logit_bias",
+)
+# Chat fields that say nothing to a backend: the gateway's own, or prefill hints neither
+# API needs (a last assistant turn is continued as it is).
+_IGNORED = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "continue_final_message",
+        "add_generation_prompt",
+        "store",
+        "metadata",
+    }
+)
+# Chat fields a translation reads, each its own way (or refuses, as Responses `stop`).
+_TRANSLATED = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "top_k",
+        "chat_template_kwargs",
+        "n",
+        "stop",
+        "user",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "reasoning_effort",
+        "response_format",
+    }
+)
+_KNOWN = _IGNORED | _TRANSLATED | frozenset(_REFUSED)
+# A field set to one of these asks for nothing (`stop: []` stops nothing).
+_UNSET: tuple[object, ...] = (None, False, [], "")
 
 
 def unsupported(api: str, field: str, why: str = "") -> UpstreamStatus:
@@ -34,6 +84,26 @@ def unsupported(api: str, field: str, why: str = "") -> UpstreamStatus:
         error_type="invalid_request_error",
         param=field,
     )
+
+
+def refuse_unanswerable(chat: Mapping[str, Any], api: str, also: tuple[str, ...] = ()) -> None:
+    """Refuse, before anything is built, a chat field that would change the answer and
+    that `api` has no place for (`also`: those only this API lacks), or `n` > 1: dropped,
+    the client would get an answer to another question."""
+    for name in (*also, *_REFUSED):
+        if chat.get(name) not in _UNSET:
+            raise unsupported(api, name)
+    n = chat.get("n")
+    if isinstance(n, int) and n > 1:
+        raise unsupported(api, "n", "one answer per request")
+
+
+def refuse_unknown(chat: Mapping[str, Any], api: str) -> None:
+    """Refuse a chat field no translation knows: a vendor extension the chat backend
+    would have read has nowhere to go, and is not silently dropped either."""
+    for name in chat:
+        if name not in _KNOWN:
+            raise unsupported(api, name)
 
 
 def count(value: object) -> int:
@@ -88,6 +158,52 @@ class SseReader:
             if isinstance(payload, dict):
                 payloads.append(payload)
         return payloads
+
+
+class TranslatedStream(ABC):
+    """A backend's event stream as chat chunks, batch by batch (one instance per stream).
+    Each API says how its events read (`_event`); the reading around them is shared, so
+    both treat a stream cut short alike: as an `UpstreamError`, never a whole answer."""
+
+    _LAST_EVENT: ClassVar[str]  # the event a whole stream ends with
+
+    def __init__(self) -> None:
+        self._reader = SseReader()
+        self._chunks = ChatChunks()
+        self.ended = False
+
+    async def translate(self, batches: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The chat stream of `batches`, ending with `[DONE]` once the last event came."""
+        async for batch in batches:
+            out = self.feed(batch)
+            if out:
+                yield out
+            if self.ended:
+                return
+        raise UpstreamError(f"The backend replica ended the stream before {self._LAST_EVENT}.")
+
+    def feed(self, batch: bytes) -> bytes:
+        out: list[bytes] = []
+        for event in self._reader.feed(batch):
+            if not self.ended:
+                self._event(event, out)
+        return b"".join(out)
+
+    @abstractmethod
+    def _event(self, event: dict[str, Any], out: list[bytes]) -> None:
+        """Add the chat chunks `event` makes to `out`; call `_end` at the last event."""
+
+    def _begin(self, answer_id: str, model: str, out: list[bytes]) -> None:
+        self._chunks.id = answer_id
+        self._chunks.model = model
+        out.append(self._chunks.delta({"role": "assistant", "content": ""}))
+
+    def _end(self, finish: str, usage: Mapping[str, Any] | None, out: list[bytes]) -> None:
+        self.ended = True
+        out.append(self._chunks.delta({}, finish))
+        if usage is not None:
+            out.append(self._chunks.usage(usage))
+        out.append(self._chunks.done())
 
 
 class ChatChunks:

@@ -14,12 +14,12 @@ without `message_stop`, is an `UpstreamError`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
-from gateway.backend_api.chat_wire import ChatChunks, SseReader, chat_usage, completion, count
+from gateway.backend_api.chat_wire import TranslatedStream, chat_usage, completion, count
 from gateway.errors import UpstreamError
 
 __all__ = ["MessagesStream", "chat_from_message", "finish_reason", "usage_from_messages"]
@@ -86,43 +86,24 @@ def chat_from_message(payload: bytes) -> bytes:
     )
 
 
-class MessagesStream:
+class MessagesStream(TranslatedStream):
     """A Messages event stream as chat chunks, batch by batch (one instance per stream)."""
 
+    _LAST_EVENT = "message_stop"
+
     def __init__(self) -> None:
-        self._reader = SseReader()
-        self._chunks = ChatChunks()
+        super().__init__()
         self._usage: dict[str, Any] = {}
         self._tools: dict[int, int] = {}  # block index -> tool call index
         self._finish: str | None = None
-        self.ended = False
-
-    async def translate(self, batches: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """The chat stream of `batches`, ending with `[DONE]` once `message_stop` came."""
-        async for batch in batches:
-            out = self.feed(batch)
-            if out:
-                yield out
-            if self.ended:
-                return
-        raise UpstreamError("The backend replica ended the stream before message_stop.")
-
-    def feed(self, batch: bytes) -> bytes:
-        out: list[bytes] = []
-        for event in self._reader.feed(batch):
-            if not self.ended:
-                self._event(event, out)
-        return b"".join(out)
 
     def _event(self, event: dict[str, Any], out: list[bytes]) -> None:
         kind = event.get("type")
         chunks = self._chunks
         if kind == "message_start":
             message = event.get("message") or {}
-            chunks.id = str(message.get("id") or "")
-            chunks.model = str(message.get("model") or "")
             self._note_usage(message.get("usage"))
-            out.append(chunks.delta({"role": "assistant", "content": ""}))
+            self._begin(str(message.get("id") or ""), str(message.get("model") or ""), out)
         elif kind == "content_block_start":
             block = event.get("content_block") or {}
             if block.get("type") == "tool_use":
@@ -143,12 +124,7 @@ class MessagesStream:
             self._finish = finish_reason(delta.get("stop_reason"))
             self._note_usage(event.get("usage"))
         elif kind == "message_stop":
-            self.ended = True
-            out.append(chunks.delta({}, self._finish or "stop"))
-            usage = usage_from_messages(self._usage)
-            if usage is not None:
-                out.append(chunks.usage(usage))
-            out.append(chunks.done())
+            self._end(self._finish or "stop", usage_from_messages(self._usage), out)
         elif kind == "error":
             raise UpstreamError(_error_message(event))
         # ping, content_block_stop: nothing to say in chat.

@@ -28,49 +28,24 @@ from typing import Any
 
 import orjson
 
-from gateway.backend_api.chat_wire import text_of, unsupported
+from gateway.backend_api.chat_wire import (
+    refuse_unanswerable,
+    refuse_unknown,
+    text_of,
+    unsupported,
+)
 
 __all__ = ["DEFAULT_MAX_TOKENS", "messages_request"]
 
 DEFAULT_MAX_TOKENS = 4096
 _API = "Messages"
-# Chat fields with no Messages counterpart that change the answer.
-_REFUSED = (
-    "logprobs",
-    "top_logprobs",
-    "frequency_penalty",
-    "presence_penalty",
-    "seed",
-    "logit_bias",
-)
-# Chat fields that say nothing to a Messages backend: the gateway's own, or prefill hints
-# Messages needs none for (a last assistant turn is continued as it is).
-_IGNORED = frozenset(
-    {
-        "model",
-        "messages",
-        "stream",
-        "stream_options",
-        "max_tokens",
-        "max_completion_tokens",
-        "continue_final_message",
-        "add_generation_prompt",
-        "store",
-        "metadata",
-    }
-)
 _PASSED = ("temperature", "top_p", "top_k", "chat_template_kwargs")
 
 
 def messages_request(chat: Mapping[str, Any], model: str, max_tokens: int | None) -> bytes:
     """The Messages body for `chat`, sent as `model`; `max_tokens`: the output limit
     (the client's, else the budget's cap)."""
-    for name in _REFUSED:
-        if chat.get(name) not in (None, False):
-            raise unsupported(_API, name)
-    n = chat.get("n")
-    if isinstance(n, int) and n > 1:
-        raise unsupported(_API, "n", "one answer per request")
+    refuse_unanswerable(chat, _API)
     system, messages = _conversation(chat["messages"])
     body: dict[str, Any] = {
         "model": model,
@@ -92,13 +67,7 @@ def messages_request(chat: Mapping[str, Any], model: str, max_tokens: int | None
         body["metadata"] = {"user_id": user}
     _add_tools(body, chat)
     _add_output_config(body, chat)
-    handled = _IGNORED | set(_PASSED) | {
-        "n", "stop", "user", "tools", "tool_choice", "parallel_tool_calls",
-        "reasoning_effort", "response_format", *_REFUSED,
-    }  # fmt: skip
-    for name in chat:
-        if name not in handled:
-            raise unsupported(_API, name)
+    refuse_unknown(chat, _API)
     return orjson.dumps(body)
 
 

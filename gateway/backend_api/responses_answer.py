@@ -14,12 +14,12 @@ one that ends before is cut short.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
-from gateway.backend_api.chat_wire import ChatChunks, SseReader, chat_usage, completion, count
+from gateway.backend_api.chat_wire import TranslatedStream, chat_usage, completion, count
 from gateway.errors import UpstreamError
 
 __all__ = [
@@ -102,32 +102,15 @@ def _reasoning_text(item: Mapping[str, Any]) -> str:
     return "".join(p.get("text") or "" for p in parts if isinstance(p, Mapping))
 
 
-class ResponsesStream:
+class ResponsesStream(TranslatedStream):
     """A Responses event stream as chat chunks, batch by batch (one instance per stream)."""
 
+    _LAST_EVENT = "response.completed"
+
     def __init__(self) -> None:
-        self._reader = SseReader()
-        self._chunks = ChatChunks()
+        super().__init__()
         self._calls: dict[str, int] = {}  # function_call item id -> tool call index
         self._started = False
-        self.ended = False
-
-    async def translate(self, batches: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """The chat stream of `batches`, ending with `[DONE]` once the response ended."""
-        async for batch in batches:
-            out = self.feed(batch)
-            if out:
-                yield out
-            if self.ended:
-                return
-        raise UpstreamError("The backend replica ended the stream before response.completed.")
-
-    def feed(self, batch: bytes) -> bytes:
-        out: list[bytes] = []
-        for event in self._reader.feed(batch):
-            if not self.ended:
-                self._event(event, out)
-        return b"".join(out)
 
     def _event(self, event: dict[str, Any], out: list[bytes]) -> None:
         kind = event.get("type")
@@ -159,12 +142,8 @@ class ResponsesStream:
         elif kind in ("response.completed", "response.incomplete"):
             response = event.get("response") or {}
             self._start(response, out)
-            self.ended = True
-            out.append(chunks.delta({}, finish_reason(response, bool(self._calls))))
-            usage = usage_from_responses(response.get("usage"))
-            if usage is not None:
-                out.append(chunks.usage(usage))
-            out.append(chunks.done())
+            finish = finish_reason(response, bool(self._calls))
+            self._end(finish, usage_from_responses(response.get("usage")), out)
         elif kind in ("response.failed", "error"):
             raise UpstreamError(_failure(event.get("response") or event))
         # Parts added and done, items done, `.done` events: nothing new for chat.
@@ -173,9 +152,7 @@ class ResponsesStream:
         if self._started:
             return
         self._started = True
-        self._chunks.id = str(response.get("id") or "")
-        self._chunks.model = str(response.get("model") or "")
-        out.append(self._chunks.delta({"role": "assistant", "content": ""}))
+        self._begin(str(response.get("id") or ""), str(response.get("model") or ""), out)
 
 
 def _failure(body: object) -> str:

@@ -26,45 +26,22 @@ from typing import Any
 
 import orjson
 
-from gateway.backend_api.chat_wire import text_of, unsupported
+from gateway.backend_api.chat_wire import (
+    refuse_unanswerable,
+    refuse_unknown,
+    text_of,
+    unsupported,
+)
 
 __all__ = ["responses_request"]
 
 _API = "Responses"
-_REFUSED = (
-    "stop",
-    "logprobs",
-    "top_logprobs",
-    "frequency_penalty",
-    "presence_penalty",
-    "seed",
-    "logit_bias",
-)
-_IGNORED = frozenset(
-    {
-        "model",
-        "messages",
-        "stream",
-        "stream_options",
-        "max_tokens",
-        "max_completion_tokens",
-        "continue_final_message",
-        "add_generation_prompt",
-        "store",
-        "metadata",
-    }
-)
 _PASSED = ("temperature", "top_p", "top_k", "chat_template_kwargs", "parallel_tool_calls", "user")
 
 
 def responses_request(chat: Mapping[str, Any], model: str, max_tokens: int | None) -> bytes:
     """The Responses body for `chat`, sent as `model` with at most `max_tokens` output."""
-    for name in _REFUSED:
-        if chat.get(name) not in (None, False, [], ""):
-            raise unsupported(_API, name)
-    n = chat.get("n")
-    if isinstance(n, int) and n > 1:
-        raise unsupported(_API, "n", "one answer per request")
+    refuse_unanswerable(chat, _API, also=("stop",))
     instructions, items = _input(chat["messages"])
     body: dict[str, Any] = {"model": model, "input": items, "store": False}
     if instructions:
@@ -81,12 +58,7 @@ def responses_request(chat: Mapping[str, Any], model: str, max_tokens: int | Non
         body["reasoning"] = {"effort": effort}
     _add_tools(body, chat)
     _add_format(body, chat)
-    handled = _IGNORED | set(_PASSED) | {
-        "n", "tools", "tool_choice", "reasoning_effort", "response_format", *_REFUSED,
-    }  # fmt: skip
-    for name in chat:
-        if name not in handled:
-            raise unsupported(_API, name)
+    refuse_unknown(chat, _API)
     return orjson.dumps(body)
 
 
