@@ -18,6 +18,7 @@ import orjson
 
 from gateway.dialects import DialectContext, Translation
 from gateway.dialects.messages_answer import error_answer
+from gateway.dialects.responses import response_id
 from gateway.dialects.responses_answer import failure_code
 from gateway.dialects.responses_request import input_items
 from gateway.errors import TriageError
@@ -45,7 +46,7 @@ class NativeResponses:
     """A Responses backend's answer for a Responses client, under the gateway's id."""
 
     def __init__(self, body: Mapping[str, Any], context: DialectContext) -> None:
-        self.id = f"resp_{context.request_id}"
+        self.id = response_id(context)
         self._store = body.get("store", True) is not False
         previous = body.get("previous_response_id")
         self._previous = orjson.dumps(previous) if isinstance(previous, str) else None

@@ -35,7 +35,7 @@ from gateway.dialects.responses_answer import (
 from gateway.dialects.responses_request import chat_body, check_request, input_items
 from gateway.errors import NotFound, TriageError
 
-__all__ = ["ResponseTranslation", "ResponsesDialect"]
+__all__ = ["ResponseTranslation", "ResponsesDialect", "response_id"]
 
 
 class ResponsesDialect:
@@ -48,13 +48,15 @@ class ResponsesDialect:
         self, body: dict[str, Any], context: DialectContext, store: ResponseStore
     ) -> tuple[dict[str, Any], str | None]:
         """`body` with the conversation `previous_response_id` names put before its input
-        (that response's input items, then its output), and that conversation's id (its
-        first response's); `NotFound` when the caller's tenant has no such response. The
-        body is checked first: bad input reads nothing."""
+        (that response's input items, then its output), and that conversation's id: its
+        first response's, which is this one's when it starts a stored conversation (so the
+        first turn has the session its followers will). `NotFound` when the caller's
+        tenant has no such response. The body is checked first: bad input reads nothing."""
         request = check_request(body)
         previous_id = request.previous_response_id
         if previous_id is None:
-            return body, None
+            starts = body.get("store", True) is not False
+            return body, response_id(context) if starts else None
         record = await store.load(context.scope, previous_id)
         if record is None:
             raise NotFound(
@@ -74,6 +76,11 @@ class ResponsesDialect:
         if error.retry_after is not None:
             headers["retry-after"] = str(max(0, math.ceil(error.retry_after)))
         return ErrorAnswer(error.status_code, orjson.dumps(error_payload(error)), headers)
+
+
+def response_id(context: DialectContext) -> str:
+    """The id of the Response a request gets, translated or passed through."""
+    return f"resp_{context.request_id}"
 
 
 _Kind = Literal["reasoning", "message", "function_call"]
@@ -117,7 +124,7 @@ class ResponseTranslation:
     def __init__(self, body: Mapping[str, Any], context: DialectContext) -> None:
         self._body = body
         self._rid = context.request_id
-        self._frame = response_frame(body, f"resp_{context.request_id}", int(time.time()))
+        self._frame = response_frame(body, response_id(context), int(time.time()))
         self._store = body.get("store", True) is not False
         self._seq = 0
         self._pending = b""

@@ -819,10 +819,11 @@ async def test_previous_response_id_puts_the_stored_conversation_first() -> None
     await store.save(CONTEXT.scope, {**again, "conversation": "resp_r1"})
     third = {"model": "m", "previous_response_id": again["id"], "input": "and tomorrow?"}
     assert (await DIALECT.expand(third, CONTEXT, store))[1] == "resp_r1"
-    assert await DIALECT.expand({"model": "m", "input": "x"}, CONTEXT, store) == (
-        {"model": "m", "input": "x"},
-        None,
-    )
+    # A first turn starts a conversation under its own id; one not stored starts none.
+    first = {"model": "m", "input": "x"}
+    assert await DIALECT.expand(first, CONTEXT, store) == (first, f"resp_{CONTEXT.request_id}")
+    unstored = {**first, "store": False}
+    assert await DIALECT.expand(unstored, CONTEXT, store) == (unstored, None)
 
 
 async def test_another_tenants_or_an_unknown_response_is_not_found() -> None:
