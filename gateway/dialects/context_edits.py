@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.api.schemas import describe_location
+from gateway.dialects.messages_request import checked
 from gateway.errors import InvalidRequest
 
 __all__ = ["CLEARED_RESULT", "edit_context"]
@@ -113,7 +113,7 @@ def edit_context(body: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str
 
 
 def _parse(config: object, thinking: object) -> list[_ClearToolUses | _ClearThinking]:
-    parsed = _checked(_Config, config, "context_management")
+    parsed = checked(_Config, config, "context_management")
     edits: list[_ClearToolUses | _ClearThinking] = []
     for i, value in enumerate(parsed.edits):
         path = f"context_management.edits.{i}"
@@ -131,7 +131,7 @@ def _parse(config: object, thinking: object) -> list[_ClearToolUses | _ClearThin
                 f"Invalid value for '{path}.type': {kind!r} (expected one of {names}).",
                 param=f"{path}.type",
             )
-        edit = _checked(model, value, path)
+        edit = checked(model, value, path)
         if isinstance(edit, _ClearThinking):
             # Anthropic's two rules for this edit, kept so a request valid here is valid there.
             if i != 0:
@@ -150,17 +150,6 @@ def _parse(config: object, thinking: object) -> list[_ClearToolUses | _ClearThin
                 )
         edits.append(edit)
     return edits
-
-
-def _checked(model: type[Any], value: object, path: str) -> Any:
-    if not isinstance(value, dict):
-        raise InvalidRequest(f"Invalid value for '{path}': expected an object.", param=path)
-    try:
-        return model.model_validate(value)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        param = ".".join(p for p in (path, describe_location(first["loc"])) if p)
-        raise InvalidRequest(f"Invalid value for '{param}': {first['msg']}", param=param) from exc
 
 
 def _clear_thinking(messages: list[Any], edit: _ClearThinking) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gateway.api.schemas import MAX_MESSAGES, describe_location
 from gateway.errors import InvalidRequest
 
-__all__ = ["to_chat"]
+__all__ = ["checked", "to_chat"]
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -165,7 +165,8 @@ class _OutputConfig(_Strict):
     format: dict[str, Any] | None = None
 
 
-def _checked(model: type[_M], value: object, path: str) -> _M:
+def checked(model: type[_M], value: object, path: str) -> _M:
+    """`value` as `model`, or `InvalidRequest` naming the field at `path` that is wrong."""
     if not isinstance(value, dict):
         raise InvalidRequest(f"Invalid value for '{path}': expected an object.", param=path)
     try:
@@ -189,7 +190,7 @@ def _block(value: object, path: str, allowed: Mapping[str, type[_M]]) -> _M:
             f"Invalid value for '{path}.type': {kind!r} is not supported here (expected {names}).",
             param=f"{path}.type",
         )
-    return _checked(model, value, path)
+    return checked(model, value, path)
 
 
 _USER_BLOCKS: dict[str, type[_Strict]] = {
@@ -216,7 +217,7 @@ def to_chat(body: Mapping[str, Any], *, require_max_tokens: bool = True) -> dict
             raise InvalidRequest(
                 f"Unsupported field '{name}': this gateway has no {what}.", param=name
             )
-    request = _checked(_Request, {k: v for k, v in body.items() if k not in _UNSUPPORTED}, "")
+    request = checked(_Request, {k: v for k, v in body.items() if k not in _UNSUPPORTED}, "")
     if require_max_tokens and request.max_tokens is None:
         raise InvalidRequest("Missing required field 'max_tokens'.", param="max_tokens")
     messages = _messages(request)
@@ -250,7 +251,7 @@ def _messages(request: _Request) -> list[dict[str, Any]]:
         system = request.system
         if isinstance(system, list):
             # Separate blocks are separate paragraphs (Claude Code sends several).
-            texts = (_checked(_Text, b, f"system.{i}").text for i, b in enumerate(system))
+            texts = (checked(_Text, b, f"system.{i}").text for i, b in enumerate(system))
             system = "\n\n".join(texts)
         out.append({"role": "system", "content": system})
     pending: tuple[int, set[str]] | None = None  # the tool_use ids the next turn answers
@@ -421,7 +422,7 @@ def _add_tools(chat: dict[str, Any], request: _Request) -> None:
                     " supported; only client tools (name, description, input_schema) are.",
                     param=f"tools.{i}.type",
                 )
-            tool = _checked(_Tool, value, f"tools.{i}")
+            tool = checked(_Tool, value, f"tools.{i}")
             function: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema}
             description = _with_examples(tool.description, tool.input_examples)
             if description is not None:
@@ -434,7 +435,7 @@ def _add_tools(chat: dict[str, Any], request: _Request) -> None:
             chat["tools"] = tools
     if request.tool_choice is None:
         return
-    choice = _checked(_ToolChoice, request.tool_choice, "tool_choice")
+    choice = checked(_ToolChoice, request.tool_choice, "tool_choice")
     if choice.type == "tool":
         if choice.name not in names:
             raise InvalidRequest(
@@ -463,7 +464,7 @@ def _effort(budget: int) -> str:
 def _add_thinking(chat: dict[str, Any], request: _Request) -> None:
     if request.thinking is None:
         return
-    thinking = _checked(_ThinkingConfig, request.thinking, "thinking")
+    thinking = checked(_ThinkingConfig, request.thinking, "thinking")
     if thinking.type == "disabled":
         chat["chat_template_kwargs"] = {"enable_thinking": False}
         return
@@ -486,12 +487,12 @@ def _add_thinking(chat: dict[str, Any], request: _Request) -> None:
 def _add_output_config(chat: dict[str, Any], request: _Request) -> None:
     if request.output_config is None:
         return
-    config = _checked(_OutputConfig, request.output_config, "output_config")
+    config = checked(_OutputConfig, request.output_config, "output_config")
     if config.effort is not None:
         # The backends know three levels; Anthropic's two above "high" are "high" there.
         chat["reasoning_effort"] = config.effort if config.effort in ("low", "medium") else "high"
     if config.format is not None:
-        fmt = _checked(_OutputFormat, config.format, "output_config.format")
+        fmt = checked(_OutputFormat, config.format, "output_config.format")
         chat["response_format"] = {
             "type": "json_schema",
             "json_schema": {"name": "output", "schema": fmt.schema_},
