@@ -380,8 +380,16 @@ async def test_fail_closed_answers_503_fast_while_redis_is_down(fresh_redis: Red
         assert time.perf_counter() - started < 0.5
         assert (caught.value.status_code, caught.value.code) == (503, "budget_store_unavailable")
     fresh_redis.start()
-    await asyncio.sleep(0.3)  # the breaker lets a probe through
-    await reserve(ledger, "after", "acme")
+    # The breaker lets a probe through after 0.2 s; on a loaded machine the restarted
+    # server may miss the 50 ms timeout once or twice, so requests keep coming a while.
+    deadline = time.monotonic() + 10.0
+    while True:
+        try:
+            await reserve(ledger, f"after-{uuid.uuid4().hex[:6]}", "acme")
+            break
+        except BudgetStoreUnavailable:
+            assert time.monotonic() < deadline, "Redis did not answer again"
+            await asyncio.sleep(0.05)
     await store.close()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -190,6 +190,30 @@ async def timed_request(cache: ResponseCache) -> tuple[float, CacheStatus, bool]
     return time.perf_counter() - started, found.status, stored
 
 
+def breaker_open(cache: ResponseCache) -> bool:
+    store = cache.store
+    return isinstance(store, RedisStore) and store.breaker.state == "open"
+
+
+def typical(results: list[tuple[float, CacheStatus, bool]]) -> float:
+    """The median request's seconds: a loaded machine's preemption (a few ms) may land in
+    any one request; the breaker's effect shows in the typical one."""
+    return sorted(seconds for seconds, _, _ in results)[len(results) // 2]
+
+
+async def eventually_cached(
+    cache: ResponseCache, done: Callable[[tuple[float, CacheStatus, bool]], bool]
+) -> bool:
+    """Requests until one's cache work is `done`, for up to 10 s. The breaker lets one
+    through 0.3 s after it opened; on a loaded machine that probe may miss its 50 ms."""
+    deadline = time.monotonic() + 10
+    while not done(await timed_request(cache)):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
 async def test_killed_redis_costs_little_and_caching_resumes_by_itself(
     fresh_redis: RedisServer, fragile_cache: ResponseCache
 ) -> None:
@@ -199,10 +223,10 @@ async def test_killed_redis_costs_little_and_caching_resumes_by_itself(
     results = [await timed_request(fragile_cache) for _ in range(20)]
     assert all(status is CacheStatus.MISS and not stored for _, status, stored in results)
     assert all(seconds < 2 * TIMEOUT_MS / 1000 for seconds, _, _ in results)
-    assert all(seconds < 0.002 for seconds, _, _ in results[3:])  # the breaker is open
+    assert breaker_open(fragile_cache)
+    assert typical(results[3:]) < 0.002  # the breaker is open: nothing waits on Redis
     fresh_redis.start()
-    await asyncio.sleep(0.35)
-    assert (await timed_request(fragile_cache))[2] is True  # written again: nothing to do
+    assert await eventually_cached(fragile_cache, lambda r: r[2])  # written again by itself
     assert (await timed_request(fragile_cache))[1] is CacheStatus.HIT
 
 
@@ -215,6 +239,6 @@ async def test_paused_redis_costs_each_request_at_most_the_timeouts(
     # a lookup GET times out, then (breaker still closed) the write SET does too
     assert all(seconds < 2 * TIMEOUT_MS / 1000 + 0.3 for seconds, _, _ in results), results
     assert all(status is CacheStatus.MISS for _, status, _ in results)
-    assert all(seconds < 0.002 for seconds, _, _ in results[2:]), results
-    await asyncio.sleep(0.35)
-    assert (await timed_request(fragile_cache))[1] is CacheStatus.HIT
+    assert breaker_open(fragile_cache)
+    assert typical(results[2:]) < 0.002, results
+    assert await eventually_cached(fragile_cache, lambda r: r[1] is CacheStatus.HIT)

@@ -149,16 +149,22 @@ def test_in_flight_stream_survives_reload(
         "stream": True,
     }
 
+    streaming = threading.Event()
+
     def consume() -> None:
         with httpx.stream(
             "POST", gateway.url + "/v1/chat/completions", json=body, timeout=10
         ) as response:
             headers.update(response.headers)
-            lines.extend(line for line in response.iter_lines() if line)
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                if '"content"' in line:
+                    streaming.set()
 
     reader = threading.Thread(target=consume)
     reader.start()
-    time.sleep(0.2)  # mid-stream: 40 tokens at 20 ms each
+    assert streaming.wait(10)  # mid-stream: 40 tokens at 20 ms each, the first one read
     write(gateway, make_policy(sim, "large"))
     assert reload(gateway).status_code == 200
     reader.join(timeout=10)

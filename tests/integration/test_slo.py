@@ -17,6 +17,7 @@ from gateway.policy import Server
 from tests.integration.conftest import (
     SMALL,
     Service,
+    eventually,
     set_faults,
     sim_stats,
     start_gateway,
@@ -119,9 +120,8 @@ async def test_a_hedge_wins_against_a_hung_replica(stack: Callable[..., Any]) ->
         assert elapsed < 1.0  # the hedge went at 300 ms at the latest, the TTFT SLO
     hedged = [r for r, _, _ in results if r.headers.get("x-triage-hedged") == "1"]
     assert hedged, "no request was hedged"
-    await asyncio.sleep(0.2)
-    # Each loser was cancelled: the hung replica saw its clients leave.
-    assert sim_stats(hung)["requests_cancelled"] >= len(hedged)
+    # Each loser was cancelled: the hung replica sees its clients leave.
+    assert eventually(lambda: sim_stats(hung)["requests_cancelled"] >= len(hedged))
     assert sim_stats(healthy)["requests_completed"] == 8
 
 
