@@ -133,9 +133,16 @@ class Pool:
         return self._two_choices(now, eligible)
 
     def _two_choices(self, now: float, eligible: list[Replica]) -> Replica:
+        """The cheaper of two drawn at random; at equal cost, one not measured yet. It costs
+        the best measured latency, which ties with that replica's own until an answer long
+        enough to sample its decode speed comes: a coin's toss, each request, would leave
+        it untried for ten requests one time in a thousand."""
         first, second = self.rng.sample(eligible, 2)
         latency = self.default_latency(now)
-        cheaper = first.cost(now, latency) <= second.cost(now, latency)
+        cheaper = (first.cost(now, latency), first.latency.value(now) is not None) <= (
+            second.cost(now, latency),
+            second.latency.value(now) is not None,
+        )
         return first if cheaper else second
 
     def _prefix_pick(

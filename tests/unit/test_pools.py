@@ -110,6 +110,20 @@ def test_a_slow_first_measurement_does_not_shut_out_an_unmeasured_replica() -> N
     assert p.pick(budget=Budget(0.25, 2.0)) is unmeasured
 
 
+def test_an_unmeasured_replica_is_tried_next_though_short_answers_tie_its_cost() -> None:
+    """Answers too short to sample the decode speed leave the measured replica's cost equal
+    to the unmeasured one's (the best measured latency): the tie goes to the unmeasured."""
+    p = pool(2)
+    measured, unmeasured = p.replicas
+    now = time.monotonic()
+    measured.observe(now, first_byte_s=0.01, ttft_s=0.01)
+    p.observe_answer(now, 8)
+    latency = p.default_latency(now)
+    assert measured.cost(now, latency) == unmeasured.cost(now, latency)
+    assert {p.pick() for _ in range(20)} == {unmeasured}
+    assert {p.pick(budget=Budget(1.0, 5.0)) for _ in range(20)} == {unmeasured}
+
+
 def test_healthy() -> None:
     p = pool(2)
     now = time.monotonic()
