@@ -86,16 +86,18 @@ _EDITS: dict[str, type[_ClearToolUses] | type[_ClearThinking]] = {
 }
 
 
-def edit_context(body: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+def edit_context(body: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
     """`body` with its `context_management` edits applied and the field removed, and the
-    edits applied (Anthropic's `applied_edits`), or None when it asked for none.
-    `InvalidRequest` names the field of an edit it cannot honour; bad input changes
-    nothing (the caller's body is never modified)."""
-    config = body.get("context_management")
-    if config is None:
-        return dict(body), None
-    edits = _parse(config, body.get("thinking"))
+    edits applied (Anthropic's `applied_edits`), or None when it asked for none (`body`
+    itself, uncopied, when it has no such field). `InvalidRequest` names the field of an
+    edit it cannot honour; bad input changes nothing (the caller's body is never modified)."""
+    if "context_management" not in body:
+        return body, None
     edited = {k: v for k, v in body.items() if k != "context_management"}
+    config = body["context_management"]
+    if config is None:
+        return edited, None  # `null` asks for nothing, as Anthropic reads it
+    edits = _parse(config, body.get("thinking"))
     messages = body.get("messages")
     if not isinstance(messages, list):
         return edited, []  # the request's own check names what is wrong with it

@@ -80,6 +80,10 @@ def test_no_field_no_change() -> None:
     body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
     edited, applied = edit_context(body)
     assert edited == body and applied is None
+    # An explicit null asks for nothing too, and the translation never sees the field.
+    nulled, applied = edit_context({**body, "context_management": None})
+    assert nulled == body and applied is None
+    to_chat(nulled)
 
 
 def test_claude_codes_own_edit_keeps_everything_and_the_backend_never_sees_the_field() -> None:
